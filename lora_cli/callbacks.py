@@ -1,0 +1,90 @@
+"""Trainer callbacks: a progress bar with loss and tokens/s, a training log file, and the safety stops."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers.trainer_callback import ProgressCallback, TrainerCallback
+
+
+class LoraProgress(ProgressCallback):
+    """The Trainer's progress bar, showing loss and real tokens per second instead of printing dicts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.start_time: float | None = None
+        self.start_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self.start_time, self.start_tokens = time.perf_counter(), state.num_input_tokens_seen
+
+    def tokens_per_second(self, state: Any) -> float:
+        elapsed = time.perf_counter() - (self.start_time or time.perf_counter())
+        return (state.num_input_tokens_seen - self.start_tokens) / elapsed if elapsed > 0 else 0.0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not (state.is_world_process_zero and self.training_bar is not None and logs):
+            return
+        if "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{self.tokens_per_second(state):.0f}",
+                                          refresh=False)
+        if "eval_loss" in logs:
+            self.training_bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+
+
+class JsonlLog(TrainerCallback):
+    """Append every Trainer log entry to a JSON-lines file: the run's training log."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop at the first NaN or infinite loss, before a checkpoint of broken weights can be written."""
+
+    def __init__(self) -> None:
+        self.bad_step: int | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self.bad_step = state.global_step
+            control.should_training_stop = True
+            control.should_save = False
+
+
+class SaveOnInterrupt(TrainerCallback):
+    """Ctrl-C finishes the current step, saves a resumable checkpoint and stops; a second Ctrl-C aborts."""
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self._previous: Any = None
+
+    def install(self) -> None:
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupted:
+            control.should_save = True
+            control.should_training_stop = True

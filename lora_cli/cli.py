@@ -1,0 +1,197 @@
+"""The command line: parse -> build the config -> call one function -> print the result.
+
+The only module that prints errors or exits. Heavy libraries are imported inside the commands so
+that `lora --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from lora_cli import __version__
+from lora_cli.config import default as D
+from lora_cli.errors import LoraError
+
+app = typer.Typer(
+    name="lora",
+    help="Fine-tune LLaMA-family models with LoRA and QLoRA, then merge, try and evaluate the adapter.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and library logs.")] = False,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    """lora: the shortest path from "I have data" to "I have a good adapter"."""
+    state["debug"] = debug or os.environ.get("LORA_DEBUG") == "1"
+    _setup_logging(state["debug"])
+
+
+def _setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("lora_cli")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if not debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import warnings
+
+        warnings.filterwarnings("ignore")
+
+
+def errors_as_one_line(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Our exceptions become `error: ...` on stderr and an exit status; --debug re-raises them."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except LoraError as exc:
+            if state["debug"]:
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def _help(key: str, text: str) -> str:
+    return f"{text} [default: {D(key)}]"
+
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe; flags override it.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout, nothing else there.")]
+
+
+@app.command()
+@errors_as_one_line
+def train(
+    config: ConfigOpt = None,
+    model: Annotated[Optional[str], typer.Option(help=_help("model.name", "Short name, hub id or local folder."))] = None,
+    data: Annotated[Optional[str], typer.Option(help="JSONL/JSON/CSV/Parquet file, folder, or hub dataset id. "
+                                                      "[default: the embedded dataset]")] = None,
+    output_dir: Annotated[Optional[str], typer.Option(help="Run folder. [default: runs/<time>-<model>]")] = None,
+    rank: Annotated[Optional[int], typer.Option(help=_help("lora.r", "LoRA rank r."))] = None,
+    alpha: Annotated[Optional[int], typer.Option(help=_help("lora.lora_alpha", "LoRA alpha (scale alpha/r)."))] = None,
+    dropout: Annotated[Optional[float], typer.Option(help=_help("lora.lora_dropout", "LoRA dropout."))] = None,
+    target_modules: Annotated[Optional[str], typer.Option(
+        help=_help("lora.target_modules", "qv, attention, mlp, all-linear, or a comma list of module names."))] = None,
+    use_4bit: Annotated[Optional[bool], typer.Option("--use-4bit/--no-use-4bit", help="QLoRA: NF4 base weights.")] = None,
+    use_8bit: Annotated[Optional[bool], typer.Option("--use-8bit/--no-use-8bit", help="int8 base weights.")] = None,
+    dora: Annotated[Optional[bool], typer.Option("--dora/--no-dora", help="Weight-decomposed LoRA (DoRA).")] = None,
+    rslora: Annotated[Optional[bool], typer.Option("--rslora/--no-rslora", help="Rank-stabilised scale alpha/sqrt(r).")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help=_help("training.num_train_epochs", "Epochs."))] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps (overrides --epochs).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=_help("training.per_device_train_batch_size", "Rows per device per step."))] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help=_help("training.gradient_accumulation_steps", "Gradient accumulation steps."))] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate. [default: 1e-3 below 1B parameters, 2e-4 above]")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help=_help("training.lr_scheduler_type", "Learning-rate schedule."))] = None,
+    warmup: Annotated[Optional[float], typer.Option(help=_help("training.warmup_steps", "Warmup steps, or a share of all steps if below 1."))] = None,
+    max_seq_len: Annotated[Optional[int], typer.Option(help=_help("data.max_seq_len", "Longest example in tokens; longer ones are cut."))] = None,
+    packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Pack examples without padding. [default: packing]")] = None,
+    train_on_inputs: Annotated[Optional[bool], typer.Option("--train-on-inputs/--no-train-on-inputs",
+                                                            help="Train on prompt tokens too. [default: responses only]")] = None,
+    data_format: Annotated[Optional[str], typer.Option("--format", help=_help("data.format", "instruction, chat, sharegpt, completion, text."))] = None,
+    template: Annotated[Optional[str], typer.Option(help=_help("data.template", "chat (the tokenizer's), alpaca."))] = None,
+    eval_data: Annotated[Optional[str], typer.Option(help="Held-out file evaluated during training.")] = None,
+    eval_split: Annotated[Optional[float], typer.Option(help=_help("data.eval_split", "Share of training rows held out."))] = None,
+    seed: Annotated[Optional[int], typer.Option(help=_help("training.seed", "Random seed."))] = None,
+    save_steps: Annotated[Optional[int], typer.Option(help=_help("training.save_steps", "Checkpoint (and evaluate) every N steps."))] = None,
+    logging_steps: Annotated[Optional[int], typer.Option(help=_help("training.logging_steps", "Log every N steps."))] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue the run in --output-dir (or runs/latest) from its newest checkpoint.")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a finished run in --output-dir.")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing",
+                                                                   help="Recompute activations: less memory, ~15% slower.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help=_help("model.precision", "auto, bf16, fp16, fp32."))] = None,
+    report_to: Annotated[Optional[str], typer.Option(help=_help("training.report_to", "none, tensorboard, wandb."))] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit of the model.")] = None,
+    trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Allow code from the model repository.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune a model with LoRA or QLoRA; writes a run folder and points runs/latest at it.
+
+    Example: lora train --model llama-7b --rank 8 --use-4bit --data my.jsonl
+    """
+    from lora_cli.config import build_config
+
+    flags = {
+        "model.name": model, "data.path": data, "output_dir": output_dir, "lora.r": rank, "lora.lora_alpha": alpha,
+        "lora.lora_dropout": dropout, "lora.target_modules": target_modules, "model.use_4bit": use_4bit,
+        "model.use_8bit": use_8bit, "lora.use_dora": dora, "lora.use_rslora": rslora,
+        "training.num_train_epochs": epochs, "training.max_steps": max_steps,
+        "training.per_device_train_batch_size": batch_size, "training.gradient_accumulation_steps": grad_accum,
+        "training.learning_rate": lr, "training.lr_scheduler_type": scheduler, "training.warmup_steps": warmup,
+        "data.max_seq_len": max_seq_len, "data.packing": packing, "data.train_on_inputs": train_on_inputs,
+        "data.format": data_format, "data.template": template, "data.eval_data": eval_data,
+        "data.eval_split": eval_split, "training.seed": seed, "training.save_steps": save_steps,
+        "training.logging_steps": logging_steps, "resume": resume, "overwrite": overwrite,
+        "training.gradient_checkpointing": gradient_checkpointing, "model.precision": precision,
+        "training.report_to": report_to, "model.revision": revision, "model.trust_remote_code": trust_remote_code,
+    }
+    cfg = build_config(config, flags)
+    from lora_cli import train as training
+
+    result = training.run(cfg)
+    if result.interrupted:
+        typer.echo(f"Interrupted at step {result.manifest['step']}; a checkpoint is saved. Continue with the same "
+                   f"command plus: --resume --output-dir {result.run_dir}", err=True)
+        raise typer.Exit(130)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if as_json:
+        _print_json(result.manifest)
+    else:
+        typer.echo(_train_summary(result.run_dir, result.manifest), err=True)
+
+
+def _train_summary(run_dir: Path, manifest: dict[str, Any]) -> str:
+    m = manifest["metrics"]
+    lines = [
+        f"Done in {m['train_runtime_s']:.0f} s: {m['global_step']} steps, {m['tokens_per_second']:.0f} tokens/s.",
+        f"  trainable parameters  {m['trainable_params']:,} of {m['total_params']:,} "
+        f"({100 * m['trainable_params'] / m['total_params']:.2f}%)",
+        f"  final train loss      {m['train_loss']:.4f}",
+    ]
+    if "eval_loss" in m:
+        lines.append(f"  eval loss             {m['eval_loss']:.4f} (perplexity {m['eval_perplexity']:.2f})")
+    lines += [f"  adapter               {run_dir}",
+              'Next: lora generate --prompt "..."   (or lora eval, lora merge)']
+    return "\n".join(lines)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,300 @@
+"""The one typed configuration of `lora train`: defaults, YAML loading, flag overrides, validation.
+
+Data flows one way: dataclass defaults < YAML file < command-line flags -> `TrainConfig` -> the
+functions that build the model, the data and the Trainer. Field names are the ones of the library
+they feed (`r`, `lora_alpha`, `learning_rate`...) so values pass through without translation;
+`FLAGS` maps each field to the user's word for it on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_cli.errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m"
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+FORMATS = ("auto", "instruction", "chat", "sharegpt", "completion", "text")
+TEMPLATES = ("auto", "chat", "alpaca")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+
+
+@dataclass
+class ModelConfig:
+    """Which base model, and how its frozen weights are held in memory."""
+
+    name: str = DEFAULT_MODEL  # a short name (llama-7b), a hub id, or a local folder
+    revision: str | None = None  # hub branch, tag or commit
+    use_4bit: bool = False  # QLoRA: NF4 with double quantization (bitsandbytes)
+    use_8bit: bool = False  # LLM.int8() frozen weights (bitsandbytes)
+    # auto = bf16 where the hardware computes it fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp32.
+    precision: str = "auto"
+    trust_remote_code: bool = False  # never run code from a model repository unless asked
+
+
+@dataclass
+class LoraSettings:
+    """The adapter: fields are peft.LoraConfig's own names."""
+
+    r: int = 8
+    # alpha = 2r is the common choice; the update is scaled by alpha/r (alpha/sqrt(r) with rslora).
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    # All linear layers: on small data, adapting q/v only barely learns (FACTS.md: 0 vs 8 of 30 facts at 2e-4).
+    target_modules: str = "all-linear"
+    use_dora: bool = False
+    use_rslora: bool = False
+
+
+@dataclass
+class DataConfig:
+    """What to train on and how rows become token sequences."""
+
+    path: str | None = None  # None: the embedded default dataset
+    format: str = "auto"  # detected from the columns unless named
+    template: str = "auto"  # the tokenizer's chat template when it has one, else alpaca
+    max_seq_len: int = 512
+    # Packing concatenates examples into one row with restarting position ids and no attention
+    # across examples: no padding at all (FACTS.md: 273 vs 208 real tok/s in fp32).
+    packing: bool = True
+    train_on_inputs: bool = False  # False: the loss covers only responses and their EOS
+    eval_data: str | None = None  # a held-out file; the embedded dataset brings its own
+    eval_split: float = 0.0  # else a fraction of the training rows held out for evaluation
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation and bookkeeping: fields are transformers.TrainingArguments' own names."""
+
+    num_train_epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    # None = auto: 1e-3 below one billion parameters, 2e-4 above (the QLoRA paper's rate for 7B+).
+    # Small models on small data barely move at 2e-4 (FACTS.md: 0 of 30 facts; 30 of 30 at 1e-3).
+    learning_rate: float | None = None
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 0.03  # a float below 1 is a share of the total steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    logging_steps: int = 5
+    save_steps: int = 200
+    save_total_limit: int = 2
+    gradient_checkpointing: bool = False
+    report_to: str = "none"
+
+
+@dataclass
+class TrainConfig:
+    """Everything `lora train` needs, resolved once and recorded in the run's manifest."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output_dir: str | None = None  # None: runs/<timestamp>-<model>
+    resume: bool = False
+    overwrite: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The command-line word for each field, used for flags and in every error message.
+FLAGS: dict[str, str] = {
+    "model.name": "--model",
+    "model.revision": "--revision",
+    "model.use_4bit": "--use-4bit",
+    "model.use_8bit": "--use-8bit",
+    "model.precision": "--precision",
+    "model.trust_remote_code": "--trust-remote-code",
+    "lora.r": "--rank",
+    "lora.lora_alpha": "--alpha",
+    "lora.lora_dropout": "--dropout",
+    "lora.target_modules": "--target-modules",
+    "lora.use_dora": "--dora",
+    "lora.use_rslora": "--rslora",
+    "data.path": "--data",
+    "data.format": "--format",
+    "data.template": "--template",
+    "data.max_seq_len": "--max-seq-len",
+    "data.packing": "--packing",
+    "data.train_on_inputs": "--train-on-inputs",
+    "data.eval_data": "--eval-data",
+    "data.eval_split": "--eval-split",
+    "training.num_train_epochs": "--epochs",
+    "training.max_steps": "--max-steps",
+    "training.per_device_train_batch_size": "--batch-size",
+    "training.gradient_accumulation_steps": "--grad-accum",
+    "training.learning_rate": "--lr",
+    "training.lr_scheduler_type": "--scheduler",
+    "training.warmup_steps": "--warmup",
+    "training.weight_decay": "--weight-decay",
+    "training.max_grad_norm": "--max-grad-norm",
+    "training.seed": "--seed",
+    "training.logging_steps": "--logging-steps",
+    "training.save_steps": "--save-steps",
+    "training.save_total_limit": "--save-total-limit",
+    "training.gradient_checkpointing": "--gradient-checkpointing",
+    "training.report_to": "--report-to",
+    "output_dir": "--output-dir",
+    "resume": "--resume",
+    "overwrite": "--overwrite",
+}
+
+
+def flag(key: str) -> str:
+    """How a field is named in messages: the flag, and the YAML key where they differ."""
+    name = FLAGS.get(key, key)
+    return f"{name} ({key})" if name.lstrip("-").replace("-", "_") != key.split(".")[-1] else name
+
+
+def default(key: str) -> Any:
+    """The default value of a dotted field, for help texts: defaults live only in the dataclasses."""
+    return _get(TrainConfig(), key)
+
+
+def _get(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(obj: Any, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+def _flatten_yaml(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Nested YAML sections -> dotted keys, rejecting unknown keys with a suggestion."""
+    known = set(FLAGS)
+    sections = {k.split(".")[0] for k in known if "." in k}
+    flat: dict[str, Any] = {}
+    problems = []
+    for top, value in data.items():
+        if top in sections and isinstance(value, dict):
+            items = [(f"{top}.{k}", v) for k, v in value.items()]
+        else:
+            items = [(str(top), value)]
+        for key, val in items:
+            if key in known:
+                flat[key] = val
+                continue
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            # also match a leaf name typed without its section, or a flag name typed as a key
+            leaf = {k.split(".")[-1]: k for k in known}
+            by_flag = {v.lstrip("-").replace("-", "_"): k for k, v in FLAGS.items()}
+            hint = close[0] if close else leaf.get(key.split(".")[-1]) or by_flag.get(key.split(".")[-1])
+            problems.append(f"unknown key '{key}' in {source}" + (f" (did you mean '{hint}'?)" if hint else ""))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return flat
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe into dotted keys; a missing or malformed file is a usage error."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"--config {path} is not valid YAML{where}; fix the file or check its indentation") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of sections (model:, lora:, data:, training:)")
+    return _flatten_yaml(data, str(path))
+
+
+def _coerce(key: str, value: Any, template: Any) -> Any:
+    """Check one value against the type of its default; YAML gives ints for floats and the like."""
+    expected = type(template)
+    if value is None:
+        return None
+    if isinstance(template, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{flag(key)} must be true or false, got {value!r}")
+    if key in _FLOAT_KEYS or expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{flag(key)} must be a number, got {value!r}")
+    if expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{flag(key)} must be an integer, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "model.name":
+        raise ConfigError(f"{flag(key)} must be text, got {value!r}")
+    if isinstance(value, list) and key == "lora.target_modules":
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+_FLOAT_KEYS = {"training.learning_rate", "training.warmup_steps", "data.eval_split", "lora.lora_dropout"}
+
+
+def build_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults < YAML < flags, then validation of the whole; flags left unset are None and ignored."""
+    cfg = TrainConfig()
+    values: dict[str, Any] = load_yaml(config_file) if config_file else {}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key, value in values.items():
+        if key not in FLAGS:
+            raise ConfigError(f"unknown option '{key}'")
+        _set(cfg, key, _coerce(key, value, _get(TrainConfig(), key)))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Collect every problem, then fail once with all of them on one line."""
+    problems: list[str] = []
+
+    def check(ok: bool, key: str, need: str) -> None:
+        if not ok:
+            problems.append(f"{flag(key)} must be {need}, got {_get(cfg, key)!r}")
+
+    check(cfg.lora.r > 0, "lora.r", "a positive integer")
+    check(cfg.lora.lora_alpha > 0, "lora.lora_alpha", "a positive number")
+    check(0 <= cfg.lora.lora_dropout < 1, "lora.lora_dropout", "in [0, 1)")
+    check(bool(cfg.lora.target_modules.strip(",; ")), "lora.target_modules", "a preset (qv, attention, all-linear) or a comma list")
+    check(cfg.model.precision in PRECISIONS, "model.precision", "one of " + ", ".join(PRECISIONS))
+    check(cfg.data.format in FORMATS, "data.format", "one of " + ", ".join(FORMATS))
+    check(cfg.data.template in TEMPLATES, "data.template", "one of " + ", ".join(TEMPLATES))
+    check(cfg.data.max_seq_len > 0, "data.max_seq_len", "a positive integer")
+    check(0 <= cfg.data.eval_split < 1, "data.eval_split", "in [0, 1)")
+    t = cfg.training
+    check(t.num_train_epochs > 0, "training.num_train_epochs", "positive")
+    check(t.max_steps == -1 or t.max_steps > 0, "training.max_steps", "a positive integer (or -1 for epochs)")
+    check(t.per_device_train_batch_size > 0, "training.per_device_train_batch_size", "a positive integer")
+    check(t.gradient_accumulation_steps > 0, "training.gradient_accumulation_steps", "a positive integer")
+    check(t.learning_rate is None or t.learning_rate > 0, "training.learning_rate", "a positive number")
+    check(t.lr_scheduler_type in SCHEDULERS, "training.lr_scheduler_type", "one of " + ", ".join(SCHEDULERS))
+    check(t.warmup_steps >= 0, "training.warmup_steps", "a step count or a share below 1")
+    check(t.weight_decay >= 0, "training.weight_decay", "zero or positive")
+    check(t.max_grad_norm >= 0, "training.max_grad_norm", "zero or positive")
+    check(t.seed >= 0, "training.seed", "zero or a positive integer")
+    check(t.logging_steps > 0, "training.logging_steps", "a positive integer")
+    check(t.save_steps > 0, "training.save_steps", "a positive integer")
+    check(t.save_total_limit > 0, "training.save_total_limit", "a positive integer")
+    check(t.report_to in ("none", "tensorboard", "wandb"), "training.report_to", "one of none, tensorboard, wandb")
+    if cfg.model.use_4bit and cfg.model.use_8bit:
+        problems.append("--use-4bit and --use-8bit exclude each other; pick one")
+    if cfg.data.eval_data and cfg.data.eval_split:
+        problems.append("--eval-data and --eval-split exclude each other; pick one")
+    if cfg.resume and cfg.overwrite:
+        problems.append("--resume and --overwrite exclude each other: resume continues a run, overwrite replaces it")
+    if problems:
+        raise ConfigError("; ".join(problems))

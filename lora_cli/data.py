@@ -1,0 +1,392 @@
+"""Training data: read files or hub datasets, detect the row format, render prompts, tokenize, mask labels.
+
+Every row becomes one text plus the character ranges the loss covers. Tokenizing that text once with
+offsets and labelling the tokens that start inside a trained range gives masks that are exact for any
+template, without the boundary drift of tokenizing prompt and response separately.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+from lora_cli.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # the label value the loss skips
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+ASSETS = resources.files("lora_cli") / "assets"
+
+
+def default_data_path(split: str = "train") -> Path:
+    """The embedded dataset: invented facts the base model cannot know (see assets/data/README.md)."""
+    return Path(str(ASSETS / "data" / f"default_{split}.jsonl"))
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _files_of(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(f"--data folder {path} holds no {', '.join(FILE_SUFFIXES)} files")
+        return files
+    if path.suffix.lower() not in FILE_SUFFIXES:
+        raise DataError(f"--data {path}: unsupported file type '{path.suffix}'; use JSONL, JSON, CSV or Parquet")
+    return [path]
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if path.suffix.lower() == ".json" and stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        return _check_objects(rows, path)
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {number} is not valid JSON ({exc.msg}); fix or remove that row") from None
+        if not isinstance(rows[-1], dict):
+            raise DataError(f"{path}: line {number} is not a JSON object; each line must be one row like "
+                            '{"instruction": ..., "output": ...}')
+    return rows
+
+
+def _check_objects(rows: Any, path: Path) -> list[dict[str, Any]]:
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{path}: expected a list of JSON objects (rows)")
+    return rows
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".json"):
+            return _read_json(path)
+        if suffix == ".csv":
+            with path.open(newline="", encoding="utf-8") as f:
+                return [dict(r) for r in csv.DictReader(f)]
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc})") from None
+    except Exception as exc:  # pyarrow raises its own error types for broken files
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{path}: cannot be parsed as {suffix[1:]} ({type(exc).__name__})") from None
+
+
+def read_rows(spec: str | None, split: str = "train") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows from a file, a folder of files, the embedded default, or a `datasets` hub id; plus their identity."""
+    path = Path(spec).expanduser() if spec else default_data_path(split)
+    if path.exists():
+        files = _files_of(path)
+        rows = [row for f in files for row in _read_file(f)]
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f.name.encode())
+            digest.update(f.read_bytes())
+        identity = {"source": str(spec or "embedded:" + path.name), "files": [str(f) for f in files],
+                    "sha256": digest.hexdigest()}
+    elif spec and ("/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1):
+        rows, identity = _read_hub(spec, split)
+    else:
+        raise DataError(f"--data {spec}: no such file or folder (nor a hub dataset id like 'org/name')")
+    if not rows:
+        raise DataError(f"--data {spec or path}: no rows found")
+    identity["rows"] = len(rows)
+    return rows, identity
+
+
+def _read_hub(name: str, split: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # datasets wraps network and lookup failures in many types
+        raise DataError(f"cannot load dataset '{name}' (split '{split}') from the Hugging Face hub "
+                        f"({type(exc).__name__}): check the id and your network, or pass a local file with --data") from None
+    return ds.to_list(), {"source": name, "split": split, "fingerprint": ds._fingerprint}
+
+
+# ---------------------------------------------------------------- formats
+
+FORMAT_COLUMNS = {
+    "chat": ("messages",),
+    "sharegpt": ("conversations",),
+    "instruction": ("instruction", "output"),
+    "completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "model": "assistant", "bot": "assistant"}
+
+
+def detect_format(rows: list[dict[str, Any]], requested: str = "auto") -> str:
+    """The row layout, named by the user or found from the columns of the first row."""
+    columns = set(rows[0])
+    if requested != "auto":
+        needed = FORMAT_COLUMNS[requested]
+        if not set(needed) <= columns:
+            raise DataError(f"--format {requested} needs columns {', '.join(needed)}; the data has "
+                            + ", ".join(sorted(columns)))
+        return requested
+    for name, needed in FORMAT_COLUMNS.items():
+        if set(needed) <= columns:
+            return name
+    known = "; ".join(f"{n}: {'+'.join(c)}" for n, c in FORMAT_COLUMNS.items())
+    raise DataError(f"cannot tell the data format from columns {', '.join(sorted(columns)) or '(none)'}; "
+                    f"known formats are {known}")
+
+
+def to_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, str]] | None:
+    """A row as chat messages (None for plain text and prompt/completion rows)."""
+    if fmt == "instruction":
+        user = {"role": "user", "content": str(row["instruction"] or "")}
+        if row.get("input"):
+            user["input"] = str(row["input"])
+        messages = [user, {"role": "assistant", "content": str(row["output"] or "")}]
+        if row.get("system"):
+            messages.insert(0, {"role": "system", "content": str(row["system"])})
+        return messages
+    if fmt == "chat":
+        raw = row["messages"]
+        if not isinstance(raw, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in raw):
+            raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+        return [{"role": str(m["role"]), "content": str(m["content"] or "")} for m in raw]
+    if fmt == "sharegpt":
+        raw = row["conversations"]
+        try:
+            return [{"role": SHAREGPT_ROLES[str(m["from"]).lower()], "content": str(m["value"] or "")} for m in raw]
+        except (KeyError, TypeError):
+            raise DataError(f"{where}: 'conversations' must be a list of {{from, value}} objects with from in "
+                            + ", ".join(SHAREGPT_ROLES)) from None
+    return None
+
+
+# ---------------------------------------------------------------- rendering
+
+
+@dataclass
+class Rendered:
+    """One example as text, with the character ranges whose tokens are trained."""
+
+    text: str
+    trained: list[tuple[int, int]]
+
+
+def load_alpaca_template() -> dict[str, str]:
+    return json.loads((ASSETS / "templates" / "alpaca.json").read_text(encoding="utf-8"))
+
+
+class Renderer:
+    """Turns rows into `Rendered` texts with one template: the tokenizer's chat template or Alpaca."""
+
+    def __init__(self, tokenizer: Any, template: str = "auto"):
+        self.tokenizer = tokenizer
+        has_chat = bool(getattr(tokenizer, "chat_template", None))
+        if template == "chat" and not has_chat:
+            raise DataError("--template chat: this tokenizer has no chat template; use --template alpaca")
+        self.template = "chat" if (template == "chat" or (template == "auto" and has_chat)) else "alpaca"
+        self.alpaca = load_alpaca_template()
+        self.eos = tokenizer.eos_token or ""
+        # Prepend BOS ourselves where the tokenizer would, so that texts are tokenized without special tokens.
+        probe = tokenizer("a")["input_ids"]
+        self.bos = tokenizer.bos_token if tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id] else ""
+        self.special = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
+
+    def render(self, row: dict[str, Any], fmt: str, where: str) -> Rendered:
+        if fmt == "text":
+            body = str(row["text"] or "")
+            return Rendered(self.bos + body + self.eos, [(len(self.bos), len(self.bos) + len(body) + len(self.eos))])
+        if fmt == "completion":
+            prompt = self.bos + str(row["prompt"] or "")
+            answer = str(row["completion"] or "") + self.eos
+            return Rendered(prompt + answer, [(len(prompt), len(prompt) + len(answer))])
+        messages = to_messages(row, fmt, where)
+        roles = [m["role"] for m in messages if m["role"] != "system"]
+        if not roles or roles[0] != "user" or "assistant" not in roles:
+            raise DataError(f"{where}: a conversation must start with a user turn and hold an assistant turn")
+        if self.template == "chat":
+            return self._render_chat(messages, where)
+        return self._render_alpaca(messages)
+
+    def prompt(self, messages: list[dict[str, str]]) -> str:
+        """The text a model continues from at generation time: what training put before a response."""
+        if self.template == "chat":
+            return self._apply(messages, add_generation_prompt=True)
+        return self._alpaca_parts(messages)[0]  # the user part ends with the response header
+
+    def _apply(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        plain = [{"role": m["role"], "content": m["content"] + ("\n\n" + m["input"] if m.get("input") else "")}
+                 for m in messages]
+        return self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _render_chat(self, messages: list[dict[str, str]], where: str) -> Rendered:
+        # Render the conversation turn by turn: each assistant turn is what the full rendering adds
+        # after the generation prompt. It is trained up to and including the last special token it
+        # holds (the end-of-turn / EOS), and the template's trailing newline after that is not.
+        trained: list[tuple[int, int]] = []
+        text = ""
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                prompt = self._apply(messages[:i], add_generation_prompt=True)
+                full = self._apply(messages[: i + 1])
+                if not (prompt.startswith(text) and full.startswith(prompt)):
+                    raise DataError(f"{where}: this chat template does not render turns incrementally; "
+                                    "use --template alpaca")
+                segment = full[len(prompt):]
+                end = self._end_of_turn(segment)
+                if end is None:  # the template closes turns without EOS: add it so the model learns to stop
+                    full = full[: len(prompt) + len(segment.rstrip())] + self.eos + segment[len(segment.rstrip()):]
+                    end = len(segment.rstrip()) + len(self.eos)
+                trained.append((len(prompt), len(prompt) + end))
+                text = full
+            else:
+                full = self._apply(messages[: i + 1])
+                if not full.startswith(text):
+                    raise DataError(f"{where}: this chat template does not render turns incrementally; "
+                                    "use --template alpaca")
+                text = full
+        return Rendered(text, trained)
+
+    def _end_of_turn(self, segment: str) -> int | None:
+        """Where the last special token of an assistant segment ends, or None if it holds none."""
+        best = None
+        for token in self.special:
+            pos = segment.rfind(token)
+            if pos >= 0 and (best is None or pos + len(token) > best):
+                best = pos + len(token)
+        return best
+
+    def _alpaca_parts(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+        text, trained = self.bos, []
+        system = " ".join(m["content"] for m in messages if m["role"] == "system")
+        first = True
+        for message in messages:
+            if message["role"] == "user":
+                if first:
+                    key = "prompt_input" if message.get("input") else "prompt_no_input"
+                    part = self.alpaca[key].format(instruction=message["content"], input=message.get("input", ""))
+                    text += (system + "\n\n" if system else "") + part
+                    first = False
+                else:
+                    text += self.alpaca["next_turn"].format(instruction=message["content"])
+            elif message["role"] == "assistant":
+                start = len(text)
+                text += message["content"] + self.eos
+                trained.append((start, len(text)))
+        return text, trained
+
+    def _render_alpaca(self, messages: list[dict[str, str]]) -> Rendered:
+        text, trained = self._alpaca_parts(messages)
+        return Rendered(text, trained)
+
+
+# ---------------------------------------------------------------- tokenizing
+
+
+def tokenize(rendered: Rendered, tokenizer: Any, max_seq_len: int, train_on_inputs: bool) -> dict[str, list[int]]:
+    """Token ids and labels; a token is trained when its first character lies in a trained range."""
+    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"][:max_seq_len]
+    if train_on_inputs:
+        labels = list(ids)
+    else:
+        labels = [tok if any(s <= start < e for s, e in rendered.trained) else IGNORE_INDEX
+                  for tok, (start, _end) in zip(ids, enc["offset_mapping"])]
+    return {"input_ids": ids, "labels": labels}
+
+
+@dataclass
+class PreparedData:
+    train: Any  # datasets.Dataset with input_ids and labels
+    eval: Any | None
+    format: str
+    template: str
+    identity: dict[str, Any]
+    dropped: int  # rows with no trained token left after truncation
+
+
+def tokenize_rows(rows: list[dict[str, Any]], fmt: str, renderer: Renderer, max_seq_len: int,
+                  train_on_inputs: bool, source: str) -> tuple[list[dict[str, list[int]]], int]:
+    examples, dropped = [], 0
+    for number, row in enumerate(rows, start=1):
+        example = tokenize(renderer.render(row, fmt, f"{source} row {number}"), renderer.tokenizer, max_seq_len,
+                           train_on_inputs)
+        if all(label == IGNORE_INDEX for label in example["labels"][1:]):
+            dropped += 1  # nothing left to learn: the response was cut off by --max-seq-len
+            continue
+        examples.append(example)
+    return examples, dropped
+
+
+def prepare(data_cfg: Any, tokenizer: Any, seed: int) -> PreparedData:
+    """Read, render and tokenize training (and evaluation) data as the config says."""
+    import datasets
+
+    rows, identity = read_rows(data_cfg.path)
+    fmt = detect_format(rows, data_cfg.format)
+    renderer = Renderer(tokenizer, data_cfg.template)
+    source = data_cfg.path or "embedded dataset"
+    train, dropped = tokenize_rows(rows, fmt, renderer, data_cfg.max_seq_len, data_cfg.train_on_inputs, source)
+    if not train:
+        raise DataError(f"no training row keeps a response token within --max-seq-len {data_cfg.max_seq_len}; "
+                        "raise --max-seq-len or shorten the prompts")
+    if dropped:
+        log.warning("%d of %d rows dropped: their response does not fit in --max-seq-len %d",
+                    dropped, len(rows), data_cfg.max_seq_len)
+    eval_examples = None
+    eval_spec = data_cfg.eval_data or (None if data_cfg.path else str(default_data_path("heldout")))
+    if eval_spec:
+        eval_rows, eval_identity = read_rows(eval_spec)
+        eval_examples, _ = tokenize_rows(eval_rows, detect_format(eval_rows, data_cfg.format), renderer,
+                                         data_cfg.max_seq_len, False, eval_spec)
+        identity["eval"] = eval_identity
+    train_ds = datasets.Dataset.from_list(train)
+    if data_cfg.eval_split and not eval_spec:
+        split = train_ds.train_test_split(test_size=data_cfg.eval_split, seed=seed)
+        train_ds, eval_ds = split["train"], split["test"]
+    else:
+        eval_ds = datasets.Dataset.from_list(eval_examples) if eval_examples else None
+    return PreparedData(train_ds, eval_ds, fmt, renderer.template, identity, dropped)
+
+
+def count_tokens(examples: Iterable[dict[str, list[int]]]) -> tuple[int, int]:
+    """(all tokens, trained tokens) of tokenized examples."""
+    total = trained = 0
+    for ex in examples:
+        total += len(ex["input_ids"])
+        trained += sum(1 for label in ex["labels"] if label != IGNORE_INDEX)
+    return total, trained
+
+
+def make_collator(tokenizer: Any, packing: bool) -> Any:
+    """Packing: one row per batch, position ids restarting per example and no attention across them.
+
+    Without packing: dynamic padding to the longest row of the batch, labels padded with IGNORE_INDEX
+    (never by masking pad ids: the pad token may be the EOS, which must stay trained).
+    """
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)

@@ -1,0 +1,228 @@
+"""Finding, loading and preparing base models: names, the embedded default, precision, quantization, LoRA."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_cli.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+# Short names users type, and the hub repositories they stand for.
+SHORT_NAMES: dict[str, str] = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "llama-7b": "huggyllama/llama-7b",
+    "llama-13b": "huggyllama/llama-13b",
+    "llama-30b": "huggyllama/llama-30b",
+    "llama-65b": "huggyllama/llama-65b",
+    "llama2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama2-70b": "meta-llama/Llama-2-70b-hf",
+    "llama3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama3-70b": "meta-llama/Meta-Llama-3-70B",
+}
+EMBEDDED = "smollm2-135m"
+
+
+@dataclass
+class ModelSource:
+    """Where a base model comes from: `location` is what `from_pretrained` is given."""
+
+    name: str  # what the user asked for
+    location: str  # a local folder or a hub id
+    hub_id: str | None  # the hub repository it stands for, if any
+    local: bool
+
+
+def cache_dir() -> Path:
+    """The user cache of converted models; LORA_CACHE_DIR overrides it."""
+    root = os.environ.get("LORA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lora-cli"
+    )
+    return Path(root)
+
+
+def resolve_model(name: str | None, revision: str | None = None) -> ModelSource:
+    """A short name, a local folder or a hub id -> where to load it from; no weights are read."""
+    name = name or EMBEDDED
+    if name == EMBEDDED:
+        from lora_cli.default_model import ensure_default_model
+
+        return ModelSource(name, str(ensure_default_model()), SHORT_NAMES[EMBEDDED], local=True)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"--model {name} is a folder without config.json; point it at a transformers model folder")
+        return ModelSource(name, str(path.resolve()), None, local=True)
+    hub_id = SHORT_NAMES.get(name.lower(), name)
+    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and hub_id.count("/") != 1
+    if looks_like_path or hub_id.count("/") > 1:
+        raise ModelError(f"--model {name}: no such folder; give an existing model folder, a hub id or one of: "
+                         + ", ".join(SHORT_NAMES))
+    _check_hub(name, hub_id, revision)
+    return ModelSource(name, hub_id, hub_id, local=False)
+
+
+def _check_hub(name: str, hub_id: str, revision: str | None) -> None:
+    """Fail in a second with one sentence when the hub id cannot be reached, instead of 30 s of retries."""
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(try_to_load_from_cache(hub_id, "config.json", revision=revision), str):
+        return  # already downloaded: transformers can use the local copy
+    asked = f"'{name}'" + (f" ({hub_id})" if hub_id != name else "")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelError(f"model {asked} is not in the local cache and HF_HUB_OFFLINE=1 forbids downloading it; "
+                         "unset HF_HUB_OFFLINE or pass a local folder with --model")
+    try:
+        model_info(hub_id, revision=revision, timeout=15)
+    except GatedRepoError:
+        raise ModelError(f"model {asked} is gated on the Hugging Face hub; accept its licence on the hub and "
+                         "log in with `hf auth login`, or pass a local folder with --model") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise ModelError(f"model {asked} was not found on the Hugging Face hub (unknown id or revision, or private); "
+                         "check the name, log in with `hf auth login`, or pass a local folder with --model") from None
+    except Exception as exc:  # network errors come from several HTTP libraries
+        raise ModelError(f"cannot reach the Hugging Face hub to download model {asked} ({type(exc).__name__}); "
+                         "check your network, or pass a local folder with --model") from None
+
+
+def resolve_precision(precision: str) -> str:
+    """auto -> bf16 where the hardware computes it fast, else fp16 on older GPUs, else fp32."""
+    import torch
+
+    if precision != "auto":
+        if precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("--precision fp16 needs a CUDA GPU; on the CPU use bf16 or fp32")
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # CPUs with AVX512-BF16 or AMX run bf16 matmuls 3-7x faster than fp32 (FACTS.md: 0.32 vs 1-2.3 TFLOP/s).
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def torch_dtype(precision: str) -> Any:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """The tokenizer, with a pad token that adds nothing to the vocabulary."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source.location, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the tokenizer of '{source.name}': {_first_line(exc)}") from None
+    if tok.pad_token is None:
+        # Reuse an existing token rather than add one: a new token means resizing the embeddings.
+        # Labels are built before padding, so pad == eos never masks the real EOS.
+        tok.pad_token = tok.unk_token or tok.eos_token
+    return tok
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def device_map_for_quantized() -> dict[str, Any]:
+    """Each process keeps its quantized copy on its own device: never `auto` under data parallelism."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {"": "cpu"}
+
+
+def load_base_model(source: ModelSource, *, precision: str, quantization: str | None = None,
+                    trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """The frozen base in the compute precision, optionally NF4 or int8 through bitsandbytes."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch_dtype(precision)
+    kwargs: dict[str, Any] = {"dtype": dtype, "revision": revision, "trust_remote_code": trust_remote_code}
+    if quantization:
+        from transformers import BitsAndBytesConfig
+
+        if quantization == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype)
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = device_map_for_quantized()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelError(f"cannot load model '{source.name}': {_first_line(exc)}") from None
+    if quantization == "4bit":
+        keep_4bit_trainable_on_cpu(model)
+    return model
+
+
+def keep_4bit_trainable_on_cpu(model: Any) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into an inference-only layout on AVX512-BF16 CPUs.
+
+    Without this, the first no-grad forward (an evaluation, a generate) repacks every Linear4bit,
+    after which LoRA gradients are silently None and the loss stops moving (FACTS.md).
+    """
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def linear_module_names(model: Any) -> set[str]:
+    """The leaf names of the linear layers LoRA could target (lm_head left out)."""
+    import torch
+
+    names = set()
+    for full_name, module in model.named_modules():
+        leaf = full_name.rsplit(".", 1)[-1]
+        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        if is_linear and leaf != "lm_head":
+            names.add(leaf)
+    return names
+
+
+def add_lora(model: Any, settings: Any, *, quantized: bool, gradient_checkpointing: bool) -> Any:
+    """Wrap the frozen base with a PEFT LoRA adapter; unknown target modules are a usage error."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from lora_cli.targets import expand_target_modules
+
+    targets = expand_target_modules(settings.target_modules)
+    available = linear_module_names(model)
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise ConfigError(f"--target-modules {','.join(missing)} not found in this model; it has: "
+                          + ", ".join(sorted(available)))
+    if quantized:
+        # Casts norms to fp32 for stability and wires input gradients for checkpointing.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+        target_modules=targets, use_dora=settings.use_dora, use_rslora=settings.use_rslora,
+        bias="none", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(model: Any) -> int:
+    """Parameters of the base model as published: 4-bit weights count their unpacked shape."""
+    total = 0
+    for param in model.parameters():
+        quant_state = getattr(param, "quant_state", None)
+        total += quant_state.shape.numel() if quant_state is not None else param.numel()
+    return total

@@ -1,0 +1,149 @@
+"""Run folders: where they go, how `runs/latest` finds the newest, and how a finished run is recognised.
+
+A run folder is finished when its manifest `lora_run.json` says `"status": "finished"`; the manifest is
+written last and atomically, after the adapter, so a run that was killed never looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lora_cli.errors import RunError
+
+MANIFEST = "lora_run.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+CHECKPOINTS = "checkpoints"
+
+
+def runs_root() -> Path:
+    """Where runs go by default and where `latest` lives; LORA_RUNS_DIR overrides `./runs`."""
+    return Path(os.environ.get("LORA_RUNS_DIR", "runs"))
+
+
+def new_run_dir(model_name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model_name).name)[:40]
+    path = runs_root() / f"{stamp}-{safe}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = runs_root() / f"{stamp}-{safe}-{suffix}"
+    return path
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_finished(run_dir: Path) -> bool:
+    manifest = read_manifest(run_dir)
+    return bool(manifest and manifest.get("status") == "finished"
+                and all((run_dir / f).is_file() for f in ADAPTER_FILES))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary file beside the target and rename: readers see the old or the new file, whole."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def update_latest(run_dir: Path) -> None:
+    """Point `runs/latest` at the run: a symlink where the system has them, else a one-line file."""
+    root = runs_root()
+    root.mkdir(parents=True, exist_ok=True)
+    link = root / "latest"
+    target = run_dir.resolve()
+    tmp = root / f".latest-{os.getpid()}"
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(target, tmp, target_is_directory=True)
+    except OSError:
+        tmp.write_text(str(target) + "\n")
+    if link.is_dir() and not link.is_symlink():
+        raise RunError(f"{link} is a real folder; move it away so that it can point at the newest run")
+    os.replace(tmp, link)
+
+
+def latest_run() -> Path | None:
+    link = runs_root() / "latest"
+    if link.is_symlink() or link.is_dir():
+        return link.resolve()
+    if link.is_file():
+        return Path(link.read_text().strip())
+    return None
+
+
+def find_run(spec: str | None, what: str = "adapter") -> Path:
+    """A finished run or adapter folder named by the user, or `runs/latest` when none is named."""
+    if spec:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise RunError(f"{path} does not exist; name a run folder or adapter folder (or train one with `lora train`)")
+    else:
+        path = latest_run()
+        if path is None:
+            raise RunError(f"no {what} named and no {runs_root() / 'latest'} yet; run `lora train` first or name one")
+    if not (path / "adapter_config.json").is_file():
+        raise RunError(f"{path} holds no adapter (adapter_config.json); name a finished run or a PEFT adapter folder")
+    if (path / MANIFEST).is_file() and not is_finished(path):
+        raise RunError(f"{path} is an unfinished run; finish it with `lora train --resume --output-dir {path}`")
+    return path
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a finished run; a resumed run must have checkpoints to resume from."""
+    if resume:
+        if not (run_dir / CHECKPOINTS).is_dir():
+            raise RunError(f"--resume: {run_dir} has no checkpoints to resume from; start it without --resume")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            state = "a finished run" if is_finished(run_dir) else "an unfinished run"
+            fix = "--overwrite" if is_finished(run_dir) else "--resume to continue it, or --overwrite"
+            raise RunError(f"--output-dir {run_dir} already holds {state}; pick another folder or pass {fix}")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def newest_checkpoint(run_dir: Path) -> str | None:
+    """The newest complete Trainer checkpoint; incomplete ones (a kill while saving) are skipped."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    folder = run_dir / CHECKPOINTS
+    candidates = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
+                        if p.name.split("-")[-1].isdigit() else -1, reverse=True)
+    for checkpoint in candidates:
+        if checkpoint_is_complete(checkpoint):
+            return str(checkpoint)
+        log.warning("skipping incomplete checkpoint %s", checkpoint)
+    raise RunError(f"--resume: no complete checkpoint in {folder}; start the run again without --resume")
+
+
+def checkpoint_is_complete(checkpoint: Path) -> bool:
+    """Everything the Trainer needs to resume is there and the adapter weights parse."""
+    needed = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors")
+    if not all((checkpoint / name).is_file() and (checkpoint / name).stat().st_size > 0 for name in needed):
+        return False
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        from safetensors import safe_open
+
+        with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as f:
+            list(f.keys())
+    except Exception:
+        return False
+    return True

@@ -1,0 +1,166 @@
+"""`lora train`: config -> data -> model -> Trainer -> a finished run folder. Reads top to bottom."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_cli.config import TrainConfig
+from lora_cli.errors import LoraError, RunError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    manifest: dict[str, Any]
+    interrupted: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+def auto_learning_rate(num_params: int) -> float:
+    """1e-3 below a billion parameters, 2e-4 above (FACTS.md: small models barely move at 2e-4)."""
+    return 1e-3 if num_params < 1_000_000_000 else 2e-4
+
+
+def run(cfg: TrainConfig) -> TrainResult:
+    """Fine-tune cfg.model with a LoRA adapter on cfg.data and write the run folder."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from lora_cli import callbacks, data, manifest, models, runs
+
+    # 1. Where the run goes. Every process must agree on the folder, so rank 0 picks it.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    run_dir = _agree_on_run_dir(cfg, world_size)
+    if is_main:
+        runs.prepare_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+
+    # 2. Tokenizer and data before the weights: bad data fails in seconds, not after a model load.
+    source = models.resolve_model(cfg.model.name, cfg.model.revision)
+    tokenizer = models.load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.revision)
+    prepared = data.prepare(cfg.data, tokenizer, cfg.training.seed)
+
+    # 3. The frozen base in the fastest precision the hardware has, then the adapter on top.
+    precision = models.resolve_precision(cfg.model.precision)
+    quantization = "4bit" if cfg.model.use_4bit else "8bit" if cfg.model.use_8bit else None
+    if quantization and precision == "fp16":
+        log.warning("fp16 with %s weights often overflows; --precision bf16 is safer where the GPU has it",
+                    quantization)
+    model = models.load_base_model(source, precision=precision, quantization=quantization,
+                                   trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+    base_params = models.count_parameters(model)
+    if cfg.training.learning_rate is None:
+        cfg.training.learning_rate = auto_learning_rate(base_params)
+    model = models.add_lora(model, cfg.lora, quantized=bool(quantization),
+                            gradient_checkpointing=cfg.training.gradient_checkpointing)
+    trainable, total = model.get_nb_trainable_parameters()
+
+    # 4. The Trainer, with the options named as TrainingArguments names them.
+    t = cfg.training
+    args = TrainingArguments(
+        output_dir=str(run_dir / runs.CHECKPOINTS),
+        num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed,
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not torch.cuda.is_available(),
+        logging_steps=t.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if prepared.eval is not None else "no", eval_steps=t.save_steps,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
+        ddp_find_unused_parameters=False, dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=not is_main,
+    )
+    progress, guard, interrupt = callbacks.LoraProgress(), callbacks.StopOnNonFiniteLoss(), callbacks.SaveOnInterrupt()
+    trainer = Trainer(
+        model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+        data_collator=data.make_collator(tokenizer, cfg.data.packing), processing_class=tokenizer,
+        callbacks=[guard, interrupt, callbacks.JsonlLog(run_dir / "train_log.jsonl")],
+    )
+    trainer.remove_callback(callbacks.ProgressCallback)
+    trainer.add_callback(progress)
+    if is_main:
+        effective = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
+        log.info("Training %s on %d rows (%s, template %s): %s trainable of %s parameters (%.2f%%), "
+                    "%s, effective batch %d, lr %g -> %s", source.name, len(prepared.train), prepared.format,
+                    prepared.template, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+                    precision + (f" + {quantization}" if quantization else ""), effective, t.learning_rate, run_dir)
+
+    # 5. Train; Ctrl-C saves a checkpoint and stops, a NaN loss stops before anything is saved.
+    started = time.perf_counter()
+    interrupt.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=runs.newest_checkpoint(run_dir) if cfg.resume else None)
+    finally:
+        interrupt.uninstall()
+    elapsed = time.perf_counter() - started
+    if guard.bad_step is not None:
+        raise LoraError(f"training stopped at step {guard.bad_step}: the loss became NaN or infinite; lower --lr, "
+                        f"use --precision bf16 or fp32; the last good checkpoint is kept in {run_dir / runs.CHECKPOINTS}")
+    if interrupt.interrupted:
+        return TrainResult(run_dir, {"status": "interrupted", "step": trainer.state.global_step}, interrupted=True)
+
+    # 6. Final numbers, then the adapter (whole, then renamed into place) and the manifest last.
+    metrics = {"train_loss": result.training_loss, "train_runtime_s": round(elapsed, 2),
+               "global_step": trainer.state.global_step,
+               "tokens_seen": int(trainer.state.num_input_tokens_seen),
+               "tokens_per_second": round(progress.tokens_per_second(trainer.state), 1),
+               "trainable_params": trainable, "total_params": total}
+    if prepared.eval is not None:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+    record = manifest.build(cfg, source, base_params, precision, quantization, prepared, metrics, world_size)
+    if trainer.is_world_process_zero():
+        save_adapter(model, tokenizer, run_dir)
+        runs.write_json_atomic(run_dir / runs.MANIFEST, record)
+        runs.update_latest(run_dir)
+    return TrainResult(run_dir, record)
+
+
+def _agree_on_run_dir(cfg: TrainConfig, world_size: int) -> Path:
+    from lora_cli import runs
+
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    if cfg.resume:
+        latest = runs.latest_run()
+        if latest is None:
+            raise RunError("--resume: no --output-dir given and no runs/latest to resume")
+        return latest
+    name = [str(runs.new_run_dir(cfg.model.name))]
+    if world_size > 1:
+        from accelerate import PartialState
+        from accelerate.utils import broadcast_object_list
+
+        PartialState()  # joins the process group the launcher set up
+        broadcast_object_list(name, from_process=0)
+    return Path(name[0])
+
+
+def save_adapter(model: Any, tokenizer: Any, run_dir: Path) -> None:
+    """Write the adapter into a temporary folder, check it, and only then move it into the run folder."""
+    from lora_cli.adapters import verify_adapter
+
+    tmp = run_dir / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    verify_adapter(tmp)
+    # weights last: adapter_model.safetensors present means the adapter is whole
+    for item in sorted(tmp.iterdir(), key=lambda p: p.name == "adapter_model.safetensors"):
+        os.replace(item, run_dir / item.name)
+    tmp.rmdir()
