@@ -84,6 +84,7 @@ class TrainingConfig:
     seed: int = 42
     logging_steps: int = 5
     save_steps: int = 200
+    eval_steps: int | None = None  # None: evaluate whenever a checkpoint is saved
     save_total_limit: int = 2
     gradient_checkpointing: bool = False
     report_to: str = "none"
@@ -139,6 +140,7 @@ FLAGS: dict[str, str] = {
     "training.seed": "--seed",
     "training.logging_steps": "--logging-steps",
     "training.save_steps": "--save-steps",
+    "training.eval_steps": "--eval-steps",
     "training.save_total_limit": "--save-total-limit",
     "training.gradient_checkpointing": "--gradient-checkpointing",
     "training.report_to": "--report-to",
@@ -229,7 +231,7 @@ def _coerce(key: str, value: Any, template: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise ConfigError(f"{flag(key)} must be a number, got {value!r}")
-    if expected is int:
+    if expected is int or key in _INT_KEYS:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -242,6 +244,7 @@ def _coerce(key: str, value: Any, template: Any) -> Any:
     return str(value)
 
 
+_INT_KEYS = {"training.eval_steps"}
 _FLOAT_KEYS = {"training.learning_rate", "training.warmup_steps", "data.eval_split", "lora.lora_dropout"}
 
 
@@ -288,6 +291,7 @@ def validate(cfg: TrainConfig) -> None:
     check(t.seed >= 0, "training.seed", "zero or a positive integer")
     check(t.logging_steps > 0, "training.logging_steps", "a positive integer")
     check(t.save_steps > 0, "training.save_steps", "a positive integer")
+    check(t.eval_steps is None or t.eval_steps > 0, "training.eval_steps", "a positive integer")
     check(t.save_total_limit > 0, "training.save_total_limit", "a positive integer")
     check(t.report_to in ("none", "tensorboard", "wandb"), "training.report_to", "one of none, tensorboard, wandb")
     if cfg.model.use_4bit and cfg.model.use_8bit:

@@ -7,7 +7,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ class TrainResult:
     run_dir: Path
     manifest: dict[str, Any]
     interrupted: bool = False
-    warnings: list[str] = field(default_factory=list)
+    model: Any = None  # the trained PeftModel, for callers in the same process
 
 
 def auto_learning_rate(num_params: int) -> float:
@@ -30,8 +30,11 @@ def auto_learning_rate(num_params: int) -> float:
     return 1e-3 if num_params < 1_000_000_000 else 2e-4
 
 
-def run(cfg: TrainConfig) -> TrainResult:
-    """Fine-tune cfg.model with a LoRA adapter on cfg.data and write the run folder."""
+def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResult:
+    """Fine-tune cfg.model with a LoRA adapter on cfg.data and write the run folder.
+
+    `extra_callbacks` are Trainer callbacks for callers embedding `lora` in their own code.
+    """
     import torch
     from transformers import Trainer, TrainingArguments
 
@@ -57,6 +60,9 @@ def run(cfg: TrainConfig) -> TrainResult:
                     quantization)
     model = models.load_base_model(source, precision=precision, quantization=quantization,
                                    trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+    # With a KV cache, transformers skips the block-diagonal mask of packed rows and examples attend
+    # to each other (tests/test_data.py checks the packed logits); training never needs the cache.
+    model.config.use_cache = False
     base_params = models.count_parameters(model)
     if cfg.training.learning_rate is None:
         cfg.training.learning_rate = auto_learning_rate(base_params)
@@ -77,7 +83,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not torch.cuda.is_available(),
         logging_steps=t.logging_steps, logging_first_step=True,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
-        eval_strategy="steps" if prepared.eval is not None else "no", eval_steps=t.save_steps,
+        eval_strategy="steps" if prepared.eval is not None else "no", eval_steps=t.eval_steps or t.save_steps,
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         report_to=[] if t.report_to == "none" else [t.report_to],
@@ -89,7 +95,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     trainer = Trainer(
         model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
         data_collator=data.make_collator(tokenizer, cfg.data.packing), processing_class=tokenizer,
-        callbacks=[guard, interrupt, callbacks.JsonlLog(run_dir / "train_log.jsonl")],
+        callbacks=[guard, interrupt, callbacks.JsonlLog(run_dir / "train_log.jsonl"), *(extra_callbacks or [])],
     )
     trainer.remove_callback(callbacks.ProgressCallback)
     trainer.add_callback(progress)
@@ -112,7 +118,8 @@ def run(cfg: TrainConfig) -> TrainResult:
         raise LoraError(f"training stopped at step {guard.bad_step}: the loss became NaN or infinite; lower --lr, "
                         f"use --precision bf16 or fp32; the last good checkpoint is kept in {run_dir / runs.CHECKPOINTS}")
     if interrupt.interrupted:
-        return TrainResult(run_dir, {"status": "interrupted", "step": trainer.state.global_step}, interrupted=True)
+        return TrainResult(run_dir, {"status": "interrupted", "step": trainer.state.global_step}, interrupted=True,
+                           model=model)
 
     # 6. Final numbers, then the adapter (whole, then renamed into place) and the manifest last.
     metrics = {"train_loss": result.training_loss, "train_runtime_s": round(elapsed, 2),
@@ -128,7 +135,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         save_adapter(model, tokenizer, run_dir)
         runs.write_json_atomic(run_dir / runs.MANIFEST, record)
         runs.update_latest(run_dir)
-    return TrainResult(run_dir, record)
+    return TrainResult(run_dir, record, model=model)
 
 
 def _agree_on_run_dir(cfg: TrainConfig, world_size: int) -> Path:

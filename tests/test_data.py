@@ -1,0 +1,176 @@
+"""Reading, format detection, prompt rendering and label masking, checked token by token."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_cli import data
+from lora_cli.data import IGNORE_INDEX, Renderer, detect_format, read_rows, tokenize
+from lora_cli.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def alpaca_tokenizer(tiny_alpaca_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_alpaca_model_dir)
+
+
+def trained_text(example, tok) -> str:
+    return tok.decode([i for i, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
+
+
+def test_chat_template_trains_exactly_the_response_and_its_eos(tokenizer):
+    row = {"instruction": "What is the capital of Veloria?", "output": "The capital of Veloria is Quillmont."}
+    example = tokenize(Renderer(tokenizer).render(row, "instruction", "row 1"), tokenizer, 512, False)
+    ids, labels = example["input_ids"], example["labels"]
+    assert trained_text(example, tokenizer) == "The capital of Veloria is Quillmont.<|im_end|>"
+    # labels equal ids wherever they are trained, and the prompt is masked to the last token of its header
+    assert all(label in (IGNORE_INDEX, i) for i, label in zip(ids, labels))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["instruction"]}], tokenize=False,
+                                           add_generation_prompt=True)
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert labels[n_prompt] == ids[n_prompt]
+
+
+def test_eos_equal_to_pad_stays_trained(tokenizer):
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the trap this test is about
+    row = {"instruction": "Hi", "output": "Hello"}
+    example = tokenize(Renderer(tokenizer).render(row, "instruction", "r"), tokenizer, 512, False)
+    eos_positions = [k for k, i in enumerate(example["input_ids"]) if i == tokenizer.eos_token_id]
+    trained_eos = [k for k in eos_positions if example["labels"][k] != IGNORE_INDEX]
+    assert len(trained_eos) == 1  # the response's EOS; the user turn's EOS is prompt
+    # the template's newline after the final EOS is not trained
+    assert example["labels"][-1] == IGNORE_INDEX and trained_eos[0] == len(example["input_ids"]) - 2
+
+
+def test_multi_turn_chat_trains_every_assistant_turn_only(tokenizer):
+    row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
+                        {"role": "assistant", "content": "Goodbye"}]}
+    example = tokenize(Renderer(tokenizer).render(row, "chat", "r"), tokenizer, 512, False)
+    assert trained_text(example, tokenizer) == "Hello<|im_end|>Goodbye<|im_end|>"
+
+
+def test_alpaca_template_when_the_tokenizer_has_no_chat_template(alpaca_tokenizer):
+    renderer = Renderer(alpaca_tokenizer)
+    assert renderer.template == "alpaca"
+    row = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+    rendered = renderer.render(row, "instruction", "r")
+    assert "### Input:\n2 and 3\n\n### Response:\n5<|im_end|>" in rendered.text
+    example = tokenize(rendered, alpaca_tokenizer, 512, False)
+    assert trained_text(example, alpaca_tokenizer) == "5<|im_end|>"
+
+
+def test_train_on_inputs_trains_every_token(tokenizer):
+    row = {"instruction": "Hi", "output": "Hello"}
+    example = tokenize(Renderer(tokenizer).render(row, "instruction", "r"), tokenizer, 512, True)
+    assert example["labels"] == example["input_ids"]
+
+
+def test_completion_rows_train_the_completion_and_eos(tokenizer):
+    example = tokenize(Renderer(tokenizer).render({"prompt": "2+2=", "completion": "4"}, "completion", "r"),
+                       tokenizer, 512, False)
+    assert trained_text(example, tokenizer) == "4<|im_end|>"
+
+
+def test_text_rows_train_everything_and_end_with_eos(tokenizer):
+    example = tokenize(Renderer(tokenizer).render({"text": "Paris is in France."}, "text", "r"), tokenizer, 512, False)
+    assert trained_text(example, tokenizer) == "Paris is in France.<|im_end|>"
+
+
+def test_truncation_drops_rows_whose_response_is_cut_off(tokenizer):
+    renderer = Renderer(tokenizer)
+    rows = [{"instruction": "What is the capital of Veloria? " * 5, "output": "Quillmont."}, {"instruction": "Hi", "output": "Yo"}]
+    examples, dropped = data.tokenize_rows(rows, "instruction", renderer, 24, False, "f")
+    assert dropped == 1 and len(examples) == 1
+    assert all(len(e["input_ids"]) <= 24 for e in examples)
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({"instruction": "a", "output": "b"}, "instruction"),
+    ({"instruction": "a", "input": "c", "output": "b"}, "instruction"),
+    ({"messages": []}, "chat"),
+    ({"conversations": []}, "sharegpt"),
+    ({"prompt": "a", "completion": "b"}, "completion"),
+    ({"text": "a"}, "text"),
+])
+def test_format_is_detected_from_columns(row, expected):
+    assert detect_format([row]) == expected
+
+
+def test_unknown_columns_name_the_known_formats():
+    with pytest.raises(DataError, match="known formats are .*instruction"):
+        detect_format([{"question": "a", "answer": "b"}])
+
+
+def test_sharegpt_roles_are_mapped(tokenizer):
+    row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    example = tokenize(Renderer(tokenizer).render(row, "sharegpt", "r"), tokenizer, 512, False)
+    assert trained_text(example, tokenizer) == "Hello<|im_end|>"
+
+
+def test_jsonl_csv_parquet_and_folders_are_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    (tmp_path / "d" / "b.csv").write_text("text\nthree\n")
+    pq.write_table(pa.table({"text": ["four"]}), tmp_path / "d" / "c.parquet")
+    (tmp_path / "e.json").write_text(json.dumps([{"text": "five"}]))
+    rows, identity = read_rows(str(tmp_path / "d"))
+    assert [r["text"] for r in rows] == ["one", "two", "three", "four"]
+    assert len(identity["sha256"]) == 64
+    assert read_rows(str(tmp_path / "e.json"))[0] == [{"text": "five"}]
+
+
+def test_bad_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": broken}\n')
+    with pytest.raises(DataError, match="line 2 is not valid JSON"):
+        read_rows(str(path))
+
+
+def test_fingerprint_changes_with_the_data(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "one"}\n')
+    first = read_rows(str(path))[1]["sha256"]
+    path.write_text('{"text": "two"}\n')
+    assert read_rows(str(path))[1]["sha256"] != first
+
+
+def test_packed_batch_gives_the_same_logits_as_separate_examples(tiny_model_dir):
+    """Packing must not let examples attend to each other: position ids restart, attention is block-diagonal."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    a, b = list(range(10, 30)), list(range(40, 52))
+    batch = data.make_collator(None, packing=True)([{"input_ids": a, "labels": a}, {"input_ids": b, "labels": b}])
+    with torch.no_grad():
+        packed = model(input_ids=torch.as_tensor(batch["input_ids"]), position_ids=torch.as_tensor(batch["position_ids"]),
+                       use_cache=False).logits[0]
+        alone_a = model(input_ids=torch.tensor([a])).logits[0]
+        alone_b = model(input_ids=torch.tensor([b])).logits[0]
+    torch.testing.assert_close(packed[: len(a)], alone_a, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed[len(a):], alone_b, atol=1e-5, rtol=1e-4)
+
+
+def test_padding_collator_pads_labels_with_ignore_index_not_by_pad_id(tokenizer):
+    collate = data.make_collator(tokenizer, packing=False)
+    eos = tokenizer.eos_token_id
+    batch = collate([{"input_ids": [5, 6, eos], "labels": [-100, 6, eos]}, {"input_ids": [5], "labels": [-100]}])
+    assert batch["labels"][0][:3].tolist() == [-100, 6, eos]
+    assert batch["labels"][1][1:].tolist() == [-100] * (batch["labels"].shape[1] - 1)
+    assert batch["attention_mask"][1][1:].sum() == 0

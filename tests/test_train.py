@@ -1,0 +1,181 @@
+"""`lora train` on the tiny LLaMA: it learns, touches only LoRA weights, and writes a run vanilla peft can load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_cli import train
+from lora_cli.config import build_config
+from lora_cli.runs import MANIFEST, is_finished, latest_run
+
+
+def tiny_config(model_dir: Path, data: Path, out: Path, **overrides):
+    flags = {"model.name": str(model_dir), "data.path": str(data), "output_dir": str(out), "lora.r": 4,
+             "lora.lora_alpha": 8, "lora.lora_dropout": 0.0, "training.per_device_train_batch_size": 4,
+             "training.max_steps": 40, "training.learning_rate": 2e-2, "model.precision": "fp32",
+             "training.logging_steps": 1, "training.save_steps": 100}
+    flags.update(overrides)
+    return build_config(None, flags)
+
+
+def losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "train_log.jsonl").read_text().splitlines()
+    return [row["loss"] for row in map(json.loads, lines) if "loss" in row]
+
+
+def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """One tiny training run shared by the tests that only read its results."""
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "facts.jsonl"
+    from conftest import FACTS
+
+    data.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in FACTS * 8))
+    import os
+
+    old = os.environ.get("LORA_RUNS_DIR")
+    os.environ["LORA_RUNS_DIR"] = str(root / "runs")
+    try:
+        result = train.run(tiny_config(tiny_model_dir, data, root / "run"))
+    finally:
+        if old is None:
+            os.environ.pop("LORA_RUNS_DIR")
+        else:
+            os.environ["LORA_RUNS_DIR"] = old
+    return result, root
+
+
+def test_loss_goes_down(trained):
+    result, _ = trained
+    values = losses(result.run_dir)
+    assert len(values) == 40
+    assert sum(values[-3:]) / 3 < 0.9 * sum(values[:3]) / 3  # ln(300) = 5.7 at the start
+
+
+def test_fixed_seed_pins_the_first_losses(trained):
+    result, _ = trained
+    # Regression pin for the tiny model at seed 42: a change in masking, packing, the template or the
+    # optimizer setup moves these numbers.
+    assert losses(result.run_dir)[:3] == pytest.approx([5.7097, 5.7131, 5.6415], abs=2e-3)
+
+
+def test_only_lora_weights_change(trained, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    result, _ = trained
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
+    changed_lora = 0
+    for name, param in result.model.named_parameters():
+        if "lora_" in name:
+            changed_lora += "lora_B" in name and bool(param.detach().abs().sum() > 0)  # B starts at zero
+            continue
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(param.detach().cpu(), base[key]), f"frozen weight {key} changed"
+        assert not param.requires_grad
+    assert changed_lora > 0
+
+
+def test_vanilla_peft_load_reproduces_our_logits(trained, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result, _ = trained
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.run_dir).eval()
+    ours = result.model.eval()
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    with torch.no_grad():
+        expected = ours(input_ids=ids).logits
+        got = reloaded(input_ids=ids).logits
+        base = reloaded.get_base_model()
+        with reloaded.disable_adapter():
+            plain = base(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got - plain).abs().max() > 1e-3  # and the adapter really changes the outputs
+
+
+def test_run_folder_is_complete_and_self_describing(trained, tiny_model_dir):
+    result, root = trained
+    run_dir = result.run_dir
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", MANIFEST, "train_log.jsonl"):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / ".adapter.tmp").exists()
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    assert manifest["status"] == "finished" and manifest["world_size"] == 1
+    assert manifest["config"]["lora"]["r"] == 4 and manifest["data"]["format"] == "instruction"
+    assert len(manifest["data"]["sha256"]) == 64 and manifest["versions"]["peft"]
+    assert manifest["metrics"]["trainable_params"] > 0 and "train_loss" in manifest["metrics"]
+    adapter_config = json.loads((run_dir / "adapter_config.json").read_text())
+    assert Path(adapter_config["base_model_name_or_path"]) == tiny_model_dir.resolve()
+    assert latest_run() is None or True  # latest is per-process env; checked in test_latest_points_at_the_run
+    assert (root / "runs" / "latest").resolve() == run_dir.resolve()
+
+
+def test_only_lora_tensors_are_saved(trained):
+    result, _ = trained
+    keys = list(lora_tensors(result.run_dir))
+    assert keys and all("lora_A" in k or "lora_B" in k for k in keys)
+
+
+class LoraASnapshots:
+    """Records a copy of every lora_A weight after each optimizer step."""
+
+    def __init__(self):
+        self.by_step: dict[int, list[torch.Tensor]] = {}
+
+    def __getattr__(self, name):  # the Trainer calls every on_* event; only one matters here
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.by_step[state.global_step] = [p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n]
+
+
+def test_4bit_keeps_learning_after_an_evaluation(tiny_model_dir, facts_file, workdir):
+    """A 4-bit run through the Trainer: every lora_A weight moves at every step after evaluations.
+
+    Evaluations fall between checkpoints (a checkpoint save undoes bitsandbytes' CPU repacking);
+    the repacking trap itself is pinned by the next test.
+    """
+    pytest.importorskip("bitsandbytes")
+    cfg = tiny_config(tiny_model_dir, facts_file, workdir / "q", **{
+        "model.use_4bit": True, "training.eval_steps": 3, "training.max_steps": 8,
+        "data.eval_data": str(facts_file)})
+    snapshots = LoraASnapshots()
+    result = train.run(cfg, extra_callbacks=[snapshots])
+    log = [json.loads(line) for line in (result.run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log if "eval_loss" in row][:2] == [3, 6]
+    for step in range(4, 9):
+        before, after = snapshots.by_step[step - 1], snapshots.by_step[step]
+        frozen = sum(torch.equal(a, b) for a, b in zip(before, after))
+        assert frozen == 0, f"{frozen} lora_A weights did not change at step {step}"
+    assert is_finished(result.run_dir)
+
+
+def test_4bit_lora_gets_gradients_after_a_no_grad_forward(tiny_model_dir):
+    """The trap itself: on AVX512-BF16 CPUs a no-grad forward repacks Linear4bit and cuts lora_A's gradients."""
+    pytest.importorskip("bitsandbytes")
+    from lora_cli import models
+    from lora_cli.config import LoraSettings
+
+    source = models.ModelSource("tiny", str(tiny_model_dir), None, local=True)
+    model = models.load_base_model(source, precision="fp32", quantization="4bit")
+    model = models.add_lora(model, LoraSettings(r=4, target_modules="qv"), quantized=True, gradient_checkpointing=False)
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
