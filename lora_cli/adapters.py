@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lora_cli.errors import LoraError
 
@@ -25,3 +28,61 @@ def verify_adapter(folder: Path) -> int:
     if count == 0:
         raise LoraError(f"the adapter in {folder} holds no LoRA weights (an empty adapter); it was not kept")
     return count
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: base plus adapter (or a plain/merged model), its tokenizer and prompt renderer."""
+
+    model: Any
+    tokenizer: Any
+    renderer: Any
+    adapter_dir: Path | None
+    manifest: dict[str, Any] | None
+    base_location: str
+
+
+def base_of(adapter_dir: Path, manifest: dict[str, Any] | None) -> str:
+    """The base model an adapter was trained on: the manifest's record, else the adapter's own config."""
+    if manifest:
+        base = manifest["base_model"]
+        if base.get("path") and Path(base["path"]).is_dir():
+            return base["path"]
+        return base.get("hub_id") or base["name"]
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    return config.get("base_model_name_or_path") or ""
+
+
+def load_for_inference(adapter: str | None = None, model: str | None = None, *, precision: str = "auto",
+                       quantization: str | None = "as-trained", template: str = "auto") -> LoadedModel:
+    """Base + adapter (`adapter`, default runs/latest), or a plain model folder when only `model` is given.
+
+    `model` with `adapter` overrides the base recorded in the run. A QLoRA adapter is run on the 4-bit
+    base it was trained against unless `quantization` says otherwise.
+    """
+    from lora_cli import models, runs
+    from lora_cli.data import Renderer
+
+    adapter_dir = None if (model and not adapter) else runs.find_run(adapter)
+    manifest = runs.read_manifest(adapter_dir) if adapter_dir else None
+    base_name = model or base_of(adapter_dir, manifest)
+    if not base_name:
+        raise LoraError(f"cannot tell which base model {adapter_dir} belongs to; pass it with --model")
+    source = models.resolve_model(base_name)
+    if quantization == "as-trained":
+        quantization = (manifest or {}).get("base_model", {}).get("quantization")
+    resolved = models.resolve_precision(precision)
+    tokenizer_home = adapter_dir if adapter_dir and (adapter_dir / "tokenizer_config.json").is_file() else None
+    tokenizer = models.load_tokenizer(models.ModelSource(str(tokenizer_home), str(tokenizer_home), None, True)
+                                      if tokenizer_home else source)
+    base = models.load_base_model(source, precision=resolved, quantization=quantization)
+    if adapter_dir:
+        from peft import PeftModel
+
+        loaded = PeftModel.from_pretrained(base, str(adapter_dir))
+    else:
+        loaded = base
+    loaded.eval()
+    trained_template = (manifest or {}).get("data", {}).get("template")
+    renderer = Renderer(tokenizer, template if template != "auto" else (trained_template or "auto"))
+    return LoadedModel(loaded, tokenizer, renderer, adapter_dir, manifest, source.location)

@@ -194,6 +194,89 @@ def _train_summary(run_dir: Path, manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+AdapterOpt = Annotated[Optional[str], typer.Option(help="Run or adapter folder. [default: runs/latest]")]
+ModelOpt = Annotated[Optional[str], typer.Option(help="A merged or plain model folder (or hub id); with --adapter, "
+                                                     "the base to put it on.")]
+PrecisionOpt = Annotated[str, typer.Option(help="auto, bf16, fp16, fp32.")]
+
+
+@app.command()
+@errors_as_one_line
+def generate(
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="What to ask.")] = None,
+    adapter: AdapterOpt = None,
+    model: ModelOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample from the k likeliest tokens (0 = all).")] = 0,
+    repetition_penalty: Annotated[float, typer.Option(min=0.0, help="Above 1 discourages repeats.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Chat, keeping the history.")] = False,
+    prompts_file: Annotated[Optional[Path], typer.Option(help="JSONL of prompts to answer in one go.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Where --prompts-file answers go (JSONL).")] = None,
+    compare_base: Annotated[bool, typer.Option("--compare", help="Show the base model's answer beside the adapted one.")] = False,
+    precision: PrecisionOpt = "auto",
+) -> None:
+    """Generate from base + adapter (default runs/latest) or from a merged folder; streams to stdout.
+
+    Example: lora generate --prompt "What is the capital of Tarvossa?"
+    """
+    from lora_cli.errors import ConfigError
+
+    modes = sum([prompt is not None, interactive, prompts_file is not None])
+    if modes != 1:
+        raise ConfigError("give exactly one of --prompt TEXT, --interactive, or --prompts-file FILE --output FILE")
+    if prompts_file is not None and output is None:
+        raise ConfigError("--prompts-file needs --output FILE for the answers")
+    if prompts_file is not None and not prompts_file.is_file():
+        raise ConfigError(f"--prompts-file {prompts_file} does not exist")
+    if compare_base and (model and not adapter):
+        raise ConfigError("--compare needs an adapter: it compares the base with base + adapter")
+    from lora_cli import adapters
+    from lora_cli import generate as gen
+
+    sampling = gen.Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    loaded = adapters.load_for_inference(adapter, model, precision=precision)
+    if prompts_file is not None:
+        count = gen.batch(loaded, prompts_file, output, sampling, raw)
+        typer.echo(f"Wrote {count} answers to {output}", err=True)
+    elif interactive:
+        gen.interactive(loaded, sampling, raw)
+    elif compare_base:
+        gen.compare(loaded, prompt, sampling, raw)
+    else:
+        gen.stream_answer(loaded, prompt, sampling, raw)
+
+
+@app.command(name="eval")
+@errors_as_one_line
+def eval_command(
+    adapter: AdapterOpt = None,
+    model: ModelOpt = None,
+    data: Annotated[Optional[str], typer.Option(help="Rows to evaluate. [default: the embedded held-out split]")] = None,
+    general: Annotated[Optional[str], typer.Option(help="General text for the forgetting check. "
+                                                        "[default: a sample shipped with lora]")] = None,
+    no_general: Annotated[bool, typer.Option("--no-general", help="Skip the forgetting check.")] = False,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N rows.")] = None,
+    precision: PrecisionOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Loss, perplexity and exact match of the base and the adapted model, side by side.
+
+    Example: lora eval --data held_out.jsonl --json
+    """
+    from lora_cli import evaluate
+
+    report = evaluate.evaluate(adapter, model, data, None if no_general else (general or "default"), limit,
+                               precision=precision)
+    if as_json:
+        _print_json(report)
+    else:
+        typer.echo(evaluate.format_report(report))
+
+
 def run() -> None:
     """Console-script entry point."""
     app()

@@ -50,13 +50,18 @@ def is_finished(run_dir: Path) -> bool:
                 and all((run_dir / f).is_file() for f in ADAPTER_FILES))
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside the target and rename: readers see the old or the new file, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
+        f.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def update_latest(run_dir: Path) -> None:

@@ -1,0 +1,152 @@
+"""`lora eval`: the base and the adapted model side by side on the same rows.
+
+Loss and perplexity cover the response tokens only (the tokens training was scored on), exact match
+compares the greedy answer with the reference response, and a forgetting check measures perplexity on
+general text that has nothing to do with the task.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from lora_cli.errors import DataError
+
+GENERAL_TEXT = "general_text.jsonl"
+
+
+def _examples(loaded: Any, rows: list[dict[str, Any]], fmt: str, source: str, max_seq_len: int) -> list[dict]:
+    from lora_cli.data import tokenize_rows
+
+    examples, _ = tokenize_rows(rows, fmt, loaded.renderer, max_seq_len, False, source)
+    if not examples:
+        raise DataError(f"{source}: no row has a response token within {max_seq_len} tokens")
+    return examples
+
+
+def response_loss(loaded: Any, examples: list[dict], adapter: bool, batch_size: int = 8) -> float:
+    """Mean cross-entropy per trained token (summed over tokens, not averaged per row)."""
+    import contextlib
+
+    import torch
+
+    from lora_cli.data import IGNORE_INDEX, make_collator
+
+    collate = make_collator(loaded.tokenizer, packing=False)
+    model = loaded.model
+    use_adapter = adapter or loaded.adapter_dir is None
+    total, count = 0.0, 0
+    with torch.no_grad(), (contextlib.nullcontext() if use_adapter else model.disable_adapter()):
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start:start + batch_size])
+            logits = model(input_ids=batch["input_ids"].to(model.device),
+                           attention_mask=batch["attention_mask"].to(model.device)).logits.float()
+            labels = batch["labels"].to(logits.device)[:, 1:]
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels,
+                                                       ignore_index=IGNORE_INDEX, reduction="sum")
+            total += losses.item()
+            count += int((labels != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+def references(rows: list[dict[str, Any]], fmt: str) -> list[tuple[list[dict[str, str]] | str, str]] | None:
+    """(prompt, reference answer) pairs where the format carries a reference; None for plain text."""
+    from lora_cli.data import to_messages
+
+    if fmt == "text":
+        return None
+    if fmt == "completion":
+        return [(str(r["prompt"]), str(r["completion"])) for r in rows]
+    pairs = []
+    for number, row in enumerate(rows, start=1):
+        messages = to_messages(row, fmt, f"row {number}")
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        pairs.append((messages[:last], messages[last]["content"]))
+    return pairs
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def exact_match(loaded: Any, pairs: list, adapter: bool, batch_size: int = 8) -> tuple[float, list[str]]:
+    """Share of greedy answers equal to the reference (whitespace normalised); also the answers themselves."""
+    import contextlib
+
+    import torch
+
+    tok = loaded.tokenizer
+    model = loaded.model
+    prompts = [p if isinstance(p, str) else loaded.renderer.prompt(p) for p, _ in pairs]
+    answers: list[str] = []
+    side = tok.padding_side
+    tok.padding_side = "left"  # generation continues from the right end of every row
+    use_adapter = adapter or loaded.adapter_dir is None
+    try:
+        with torch.no_grad(), (contextlib.nullcontext() if use_adapter else model.disable_adapter()):
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start:start + batch_size]
+                refs = [r for _, r in pairs[start:start + batch_size]]
+                longest = max(len(tok(r, add_special_tokens=False)["input_ids"]) for r in refs)
+                enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+                out = model.generate(**enc, do_sample=False, max_new_tokens=longest + 8,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                answers += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tok.padding_side = side
+    hits = sum(normalise(a) == normalise(r) for a, (_, r) in zip(answers, pairs))
+    return hits / len(pairs), answers
+
+
+def _side(loss: float, em: float | None) -> dict[str, float]:
+    result = {"loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3)}
+    if em is not None:
+        result["exact_match"] = round(em, 4)
+    return result
+
+
+def evaluate(adapter: str | None = None, model: str | None = None, data: str | None = None,
+             general: str | None = "default", limit: int | None = None, max_seq_len: int = 1024,
+             precision: str = "auto") -> dict[str, Any]:
+    """Base and adapted side by side on `data` (default: the embedded held-out split)."""
+    from lora_cli import adapters
+    from lora_cli.data import ASSETS, default_data_path, detect_format, read_rows
+
+    loaded = adapters.load_for_inference(adapter, model, precision=precision)
+    if loaded.adapter_dir is None:
+        raise DataError("lora eval compares base and adapted: name an adapter with --adapter (or train one first)")
+    spec = data or str(default_data_path("heldout"))
+    rows, _ = read_rows(spec)
+    rows = rows[:limit] if limit else rows
+    fmt = detect_format(rows)
+    examples = _examples(loaded, rows, fmt, spec, max_seq_len)
+    pairs = references(rows, fmt)
+    report: dict[str, Any] = {"rows": len(examples), "data": spec, "adapter": str(loaded.adapter_dir)}
+    for name, on in (("base", False), ("adapted", True)):
+        em = exact_match(loaded, pairs, on)[0] if pairs else None
+        report[name] = _side(response_loss(loaded, examples, on), em)
+    if general:
+        general_spec = str(Path(str(ASSETS / "data" / GENERAL_TEXT))) if general == "default" else general
+        general_rows, _ = read_rows(general_spec)
+        general_examples = _examples(loaded, general_rows, "text", general_spec, max_seq_len)
+        base_ppl = math.exp(response_loss(loaded, general_examples, False))
+        adapted_ppl = math.exp(response_loss(loaded, general_examples, True))
+        report["general"] = {"data": general_spec, "base_perplexity": round(base_ppl, 3),
+                             "adapted_perplexity": round(adapted_ppl, 3),
+                             "perplexity_increase": round(adapted_ppl / base_ppl - 1, 4)}
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A small side-by-side table for the terminal."""
+    keys = [k for k in ("loss", "perplexity", "exact_match") if k in report["base"]]
+    lines = [f"{report['rows']} rows of {report['data']}", f"{'':14}{'base':>12}{'adapted':>12}"]
+    for key in keys:
+        lines.append(f"{key:14}{report['base'][key]:>12.4f}{report['adapted'][key]:>12.4f}")
+    if "general" in report:
+        g = report["general"]
+        lines.append(f"general text perplexity {g['base_perplexity']:.3f} -> {g['adapted_perplexity']:.3f} "
+                     f"({100 * g['perplexity_increase']:+.1f}%: how much the adapter changed unrelated text)")
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""`lora generate`: text from base + adapter or from a merged folder, streamed as it comes.
+
+Only generated text goes to stdout, so answers can be piped; everything else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from lora_cli.errors import DataError
+
+
+@dataclass
+class Sampling:
+    """Decoding settings; temperature 0 means greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.temperature <= 0:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens,
+                    "repetition_penalty": self.repetition_penalty}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k or None,
+                "max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+
+
+def uses_raw_prompts(loaded: Any) -> bool:
+    """Runs trained on plain text or prompt/completion pairs continue the text as given, with no template."""
+    return (loaded.manifest or {}).get("data", {}).get("format") in ("completion", "text")
+
+
+def prompt_text(loaded: Any, history: list[dict[str, str]], raw: bool) -> str:
+    if raw or uses_raw_prompts(loaded):
+        return history[-1]["content"]
+    return loaded.renderer.prompt(history)
+
+
+def generate_one(loaded: Any, text: str, sampling: Sampling, on_text: Callable[[str], None] | None = None,
+                 adapter: bool = True) -> str:
+    """Generate a continuation of `text`; `on_text` receives pieces as they are decoded (streaming)."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    tok = loaded.tokenizer
+    inputs = tok(text, return_tensors="pt", add_special_tokens=False).to(loaded.model.device)
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    kwargs = {**inputs, **sampling.generate_kwargs(), "pad_token_id": tok.pad_token_id,
+              "eos_token_id": _stop_ids(loaded)}
+    streamer = None
+    if on_text is not None:
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        kwargs["streamer"] = streamer
+    disable = getattr(loaded.model, "disable_adapter", None) if not adapter and loaded.adapter_dir else None
+    with torch.no_grad(), (disable() if disable else contextlib.nullcontext()):
+        if streamer is None:
+            out = loaded.model.generate(**kwargs)
+            return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        import threading
+
+        pieces: list[str] = []
+        worker = threading.Thread(target=loaded.model.generate, kwargs=kwargs)
+        worker.start()
+        for piece in streamer:
+            pieces.append(piece)
+            on_text(piece)
+        worker.join()
+        return "".join(pieces)
+
+
+def _stop_ids(loaded: Any) -> list[int]:
+    """EOS of the tokenizer and of the model's generation config: chat models often end turns with another id."""
+    ids = {loaded.tokenizer.eos_token_id}
+    config_eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+    ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def stream_answer(loaded: Any, prompt: str, sampling: Sampling, raw: bool, out: TextIO = sys.stdout,
+                  adapter: bool = True) -> str:
+    """Stream one answer to `out`, ending with a newline."""
+    def write(piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    answer = generate_one(loaded, prompt_text(loaded, [{"role": "user", "content": prompt}], raw), sampling,
+                          write, adapter)
+    out.write("\n")
+    return answer
+
+
+def compare(loaded: Any, prompt: str, sampling: Sampling, raw: bool, out: TextIO = sys.stdout) -> dict[str, str]:
+    """The same prompt through the base (adapter disabled) and the adapted model."""
+    text = prompt_text(loaded, [{"role": "user", "content": prompt}], raw)
+    answers = {"base": generate_one(loaded, text, sampling, adapter=False),
+               "adapted": generate_one(loaded, text, sampling, adapter=True)}
+    for name, answer in answers.items():
+        out.write(f"[{name}] {answer.strip()}\n")
+    return answers
+
+
+def interactive(loaded: Any, sampling: Sampling, raw: bool, read: Callable[[str], str] = input) -> None:
+    """A chat that keeps its history; an empty line or EOF ends it."""
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            message = read("> ")
+        except EOFError:
+            break
+        if not message.strip():
+            break
+        history.append({"role": "user", "content": message})
+        answer = generate_one(loaded, prompt_text(loaded, history, raw), sampling,
+                              lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": answer.strip()})
+
+
+def batch(loaded: Any, prompts_file: Path, output: Path, sampling: Sampling, raw: bool) -> int:
+    """Answer every prompt of a JSONL file ({"prompt": ...} or {"instruction": ...}); writes JSONL atomically."""
+    from lora_cli.data import read_rows
+    from lora_cli.runs import write_text_atomic
+
+    rows, _ = read_rows(str(prompts_file))
+    lines = []
+    for number, row in enumerate(rows, start=1):
+        prompt = row.get("prompt") or row.get("instruction")
+        if not prompt:
+            raise DataError(f"{prompts_file} row {number}: needs a 'prompt' or 'instruction' field")
+        if row.get("input"):
+            prompt = f"{prompt}\n\n{row['input']}"
+        answer = generate_one(loaded, prompt_text(loaded, [{"role": "user", "content": prompt}], raw), sampling)
+        lines.append(json.dumps({**row, "response": answer.strip()}, ensure_ascii=False))
+    write_text_atomic(output, "\n".join(lines) + "\n")
+    return len(lines)
