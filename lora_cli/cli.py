@@ -59,6 +59,7 @@ def _setup_logging(debug: bool) -> None:
     if not debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also silences transformers' load bars
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import warnings
 
@@ -275,6 +276,37 @@ def eval_command(
         _print_json(report)
     else:
         typer.echo(evaluate.format_report(report))
+
+
+@app.command()
+@errors_as_one_line
+def merge(
+    run_or_adapter: Annotated[Optional[str], typer.Argument(help="Run or adapter folder. [default: runs/latest]")] = None,
+    output_dir: Annotated[Optional[str], typer.Option(help="Where the merged model goes. [default: <run>/merged]")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model (short name, hub id or folder). [default: the run's]")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16. [default: the base's stored dtype]")] = None,
+    merge_into: Annotated[str, typer.Option(help="dequantized: for a QLoRA/8-bit adapter, the dequantized weights it "
+                                                 "was trained against; original: the full-precision weights.")] = "dequantized",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier merge in --output-dir.")] = False,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="Compare the merged model's logits with base + "
+                                                                   "adapter (needs memory for one full model).")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fold an adapter into its base and save a standard model folder (loads without peft).
+
+    Example: lora merge runs/latest --dtype bf16
+    """
+    from lora_cli import merge as merging
+
+    report = merging.merge(run_or_adapter, output_dir, base, dtype, merge_into, overwrite, check)
+    if as_json:
+        _print_json(report)
+        return
+    checked = (f", largest logit difference to base + adapter {report['max_logit_diff']:.1e}"
+               if report["max_logit_diff"] is not None else ", not checked (--no-check)")
+    typer.echo(f"Merged ({report['merge_into']} weights, {report['dtype']}) in {report['seconds']:.0f} s{checked}.\n"
+               f"  model  {report['output_dir']}\n"
+               f"Next: lora generate --model {report['output_dir']} --prompt \"...\"", err=True)
 
 
 def run() -> None:

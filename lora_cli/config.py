@@ -151,9 +151,8 @@ FLAGS: dict[str, str] = {
 
 
 def flag(key: str) -> str:
-    """How a field is named in messages: the flag, and the YAML key where they differ."""
-    name = FLAGS.get(key, key)
-    return f"{name} ({key})" if name.lstrip("-").replace("-", "_") != key.split(".")[-1] else name
+    """How a field is named in messages: by its flag (the YAML key is listed beside it in FLAGS and --help)."""
+    return FLAGS.get(key, key)
 
 
 def default(key: str) -> Any:

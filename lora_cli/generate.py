@@ -86,9 +86,10 @@ def _stop_ids(loaded: Any) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def stream_answer(loaded: Any, prompt: str, sampling: Sampling, raw: bool, out: TextIO = sys.stdout,
+def stream_answer(loaded: Any, prompt: str, sampling: Sampling, raw: bool, out: TextIO | None = None,
                   adapter: bool = True) -> str:
-    """Stream one answer to `out`, ending with a newline."""
+    """Stream one answer to `out` (default: the current stdout), ending with a newline."""
+    out = out or sys.stdout
     def write(piece: str) -> None:
         out.write(piece)
         out.flush()
@@ -99,8 +100,9 @@ def stream_answer(loaded: Any, prompt: str, sampling: Sampling, raw: bool, out: 
     return answer
 
 
-def compare(loaded: Any, prompt: str, sampling: Sampling, raw: bool, out: TextIO = sys.stdout) -> dict[str, str]:
+def compare(loaded: Any, prompt: str, sampling: Sampling, raw: bool, out: TextIO | None = None) -> dict[str, str]:
     """The same prompt through the base (adapter disabled) and the adapted model."""
+    out = out or sys.stdout
     text = prompt_text(loaded, [{"role": "user", "content": prompt}], raw)
     answers = {"base": generate_one(loaded, text, sampling, adapter=False),
                "adapted": generate_one(loaded, text, sampling, adapter=True)}

@@ -143,7 +143,10 @@ def load_base_model(source: ModelSource, *, precision: str, quantization: str | 
                     trust_remote_code: bool = False, revision: str | None = None) -> Any:
     """The frozen base in the compute precision, optionally NF4 or int8 through bitsandbytes."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":
+        hf_logging.disable_progress_bar()  # the env var is read once, at transformers' import
     dtype = torch_dtype(precision)
     kwargs: dict[str, Any] = {"dtype": dtype, "revision": revision, "trust_remote_code": trust_remote_code}
     if quantization:

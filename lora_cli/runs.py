@@ -108,17 +108,21 @@ def find_run(spec: str | None, what: str = "adapter") -> Path:
     return path
 
 
-def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a finished run; a resumed run must have checkpoints to resume from."""
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a finished run, before any work; a resumed run needs checkpoints. Changes nothing."""
     if resume:
         if not (run_dir / CHECKPOINTS).is_dir():
             raise RunError(f"--resume: {run_dir} has no checkpoints to resume from; start it without --resume")
         return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            state = "a finished run" if is_finished(run_dir) else "an unfinished run"
-            fix = "--overwrite" if is_finished(run_dir) else "--resume to continue it, or --overwrite"
-            raise RunError(f"--output-dir {run_dir} already holds {state}; pick another folder or pass {fix}")
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        state = "a finished run" if is_finished(run_dir) else "an unfinished run"
+        fix = "--overwrite" if is_finished(run_dir) else "--resume to continue it, or --overwrite"
+        raise RunError(f"--output-dir {run_dir} already holds {state}; pick another folder or pass {fix}")
+
+
+def create_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Make the run folder once the inputs are known to be good; --overwrite clears the old run first."""
+    if not resume and overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 

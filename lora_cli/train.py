@@ -44,8 +44,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     is_main = int(os.environ.get("RANK", "0")) == 0
     run_dir = _agree_on_run_dir(cfg, world_size)
-    if is_main:
-        runs.prepare_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    runs.check_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
 
     # 2. Tokenizer and data before the weights: bad data fails in seconds, not after a model load.
     source = models.resolve_model(cfg.model.name, cfg.model.revision)
@@ -69,6 +68,8 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     model = models.add_lora(model, cfg.lora, quantized=bool(quantization),
                             gradient_checkpointing=cfg.training.gradient_checkpointing)
     trainable, total = model.get_nb_trainable_parameters()
+    if is_main:  # only now, with data and model known good, does anything get written
+        runs.create_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
 
     # 4. The Trainer, with the options named as TrainingArguments names them.
     t = cfg.training

@@ -1,0 +1,120 @@
+"""The command line: bad input gets one line and an exit status, leaves nothing behind; good input works."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_train_args
+from lora_cli.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def snapshot(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+BAD_INPUTS = [
+    (["train", "--rank", "0"], 2, "--rank must be a positive integer, got 0"),
+    (["train", "--dropout", "1.5"], 2, "--dropout must be in [0, 1)"),
+    (["train", "--lr", "-1"], 2, "--lr must be a positive number"),
+    (["train", "--max-seq-len", "0"], 2, "--max-seq-len must be a positive integer"),
+    (["train", "--use-4bit", "--use-8bit"], 2, "--use-4bit and --use-8bit exclude each other"),
+    (["train", "--precision", "fp8"], 2, "--precision must be one of auto, bf16, fp16, fp32"),
+    (["train", "--scheduler", "wavy"], 2, "--scheduler must be one of"),
+    (["train", "--format", "xml"], 2, "--format must be one of"),
+    (["train", "--batch-size", "0"], 2, "--batch-size must be a positive"),
+    (["train", "--eval-split", "1.0"], 2, "--eval-split must be in [0, 1)"),
+    (["train", "--config", "missing.yaml"], 2, "--config file not found: missing.yaml"),
+    (["train", "--data", "missing.jsonl", "--model", "MODEL"], 2, "--data missing.jsonl: no such file or folder"),
+    (["train", "--data", "notes.txt", "--model", "MODEL"], 2, "unsupported file type '.txt'"),
+    (["train", "--data", "bad.jsonl", "--model", "MODEL"], 2, "line 2 is not valid JSON"),
+    (["train", "--data", "columns.jsonl", "--model", "MODEL"], 2, "cannot tell the data format from columns"),
+    (["train", "--data", "empty.jsonl", "--model", "MODEL"], 2, "no rows found"),
+    (["train", "--model", "./no/such/folder"], 1, "no such folder"),
+    (["train", "--model", "not-a-real-org/not-a-real-model"], 1, "not in the local cache and HF_HUB_OFFLINE=1"),
+    (["train", "--model", "llama-7b", "--rank", "8", "--use-4bit"], 1, "model 'llama-7b' (huggyllama/llama-7b)"),
+    (["train", "--data", "facts.jsonl", "--model", "MODEL", "--target-modules", "nope_proj"], 2,
+     "--target-modules nope_proj not found in this model; it has:"),
+    (["train", "--resume", "--overwrite"], 2, "--resume and --overwrite exclude each other"),
+    (["generate"], 2, "give exactly one of --prompt"),
+    (["generate", "--prompt", "hi"], 2, "no adapter named and no"),
+    (["generate", "--prompt", "hi", "--adapter", "nowhere"], 2, "nowhere does not exist"),
+    (["generate", "--prompts-file", "facts.jsonl"], 2, "--prompts-file needs --output"),
+    (["eval", "--adapter", "nowhere"], 2, "nowhere does not exist"),
+]
+
+
+@pytest.mark.parametrize("args, code, message", BAD_INPUTS, ids=[" ".join(a) for a, _, _ in BAD_INPUTS])
+def test_bad_input_gets_one_line_and_leaves_nothing(args, code, message, workdir, tiny_model_dir, facts_file):
+    (workdir / "bad.jsonl").write_text('{"text": "ok"}\n{"text": nope}\n')
+    (workdir / "columns.jsonl").write_text('{"question": "a", "answer": "b"}\n')
+    (workdir / "empty.jsonl").write_text("\n")
+    (workdir / "notes.txt").write_text("hello\n")
+    (workdir / "facts.jsonl").write_text(facts_file.read_text())
+    args = [str(tiny_model_dir) if a == "MODEL" else a for a in args]
+    before = snapshot(workdir)
+    result = invoke(*args)
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert message in lines[0]
+    assert snapshot(workdir) == before  # nothing created, nothing changed
+
+
+def test_finished_run_survives_a_second_train_into_the_same_folder(workdir, tiny_model_dir, facts_file):
+    out = workdir / "run"
+    assert invoke(*tiny_train_args(tiny_model_dir, facts_file, out)).exit_code == 0
+    adapter = (out / "adapter_model.safetensors").read_bytes()
+    result = invoke(*tiny_train_args(tiny_model_dir, facts_file, out, "--lr", "1e-2"))
+    assert result.exit_code == 2 and "already holds a finished run" in result.output and "--overwrite" in result.output
+    assert (out / "adapter_model.safetensors").read_bytes() == adapter
+    assert invoke(*tiny_train_args(tiny_model_dir, facts_file, out, "--overwrite", "--lr", "1e-2")).exit_code == 0
+    assert (out / "adapter_model.safetensors").read_bytes() != adapter
+
+
+def test_train_json_prints_only_the_manifest(workdir, tiny_model_dir, facts_file):
+    result = runner.invoke(app, tiny_train_args(tiny_model_dir, facts_file, workdir / "run", "--json"))
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["status"] == "finished"
+
+
+def test_generate_after_train_uses_runs_latest(workdir, tiny_model_dir, facts_file):
+    assert invoke(*tiny_train_args(tiny_model_dir, facts_file, workdir / "run")).exit_code == 0
+    result = runner.invoke(app, ["generate", "--prompt", "What is the capital of Veloria?", "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()  # an answer went to stdout
+
+
+def test_eval_json_has_base_and_adapted_side_by_side(workdir, tiny_model_dir, facts_file):
+    assert invoke(*tiny_train_args(tiny_model_dir, facts_file, workdir / "run")).exit_code == 0
+    result = runner.invoke(app, ["eval", "--data", str(facts_file), "--json", "--limit", "4", "--no-general"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["rows"] == 4
+    for side in ("base", "adapted"):
+        assert set(report[side]) == {"loss", "perplexity", "exact_match"}
+    assert report["adapted"]["loss"] < report["base"]["loss"]  # trained on these very rows
+
+
+def test_help_is_instant_and_lists_every_command():
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "lora_cli", "--help"], capture_output=True, text=True, check=True)
+    elapsed = time.perf_counter() - started
+    for command in ("train", "merge", "generate", "eval", "estimate"):
+        assert command in out.stdout
+    # no torch or transformers at import: the whole interpreter start stays far below a heavy import (~6 s)
+    assert elapsed < 3.0
+    imported = subprocess.run([sys.executable, "-c", "import lora_cli.cli, sys; print('torch' in sys.modules)"],
+                              capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "False"

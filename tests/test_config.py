@@ -1,0 +1,57 @@
+"""Configuration: precedence, validation that names the flag, unknown keys, and every shipped recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lora_cli.config import TrainConfig, build_config, load_yaml
+from lora_cli.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_defaults_then_yaml_then_flags(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lora:\n  r: 16\n  lora_alpha: 32\ntraining:\n  learning_rate: 3.0e-4\n")
+    cfg = build_config(recipe, {"lora.r": 4, "training.seed": None})
+    assert cfg.lora.r == 4  # the flag wins
+    assert cfg.lora.lora_alpha == 32  # YAML over the default
+    assert cfg.training.learning_rate == 3e-4
+    assert cfg.training.seed == TrainConfig().training.seed  # an unset flag changes nothing
+
+
+def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lora:\n  rank: 16\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'lora.rank'.*did you mean 'lora.r'"):
+        load_yaml(recipe)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        build_config(None, {"lora.r": 0, "lora.lora_dropout": 1.5, "model.use_4bit": True, "model.use_8bit": True})
+    message = str(info.value)
+    assert "--rank" in message and "--dropout" in message and "--use-4bit and --use-8bit" in message
+    assert "\n" not in message
+
+
+def test_wrong_type_in_yaml_names_the_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("training:\n  per_device_train_batch_size: four\n")
+    with pytest.raises(ConfigError, match="--batch-size.*must be an integer"):
+        build_config(recipe)
+
+
+def test_malformed_yaml_is_a_config_error(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lora:\n  r: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        build_config(recipe)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_recipe_is_valid_and_starts_with_its_command(path):
+    build_config(path)
+    assert path.read_text().startswith("# lora train --config configs/" + path.name)
