@@ -130,6 +130,12 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def sharded_engine() -> bool:
+    """True under `accelerate launch` with FSDP or DeepSpeed ZeRO-3, which shard the weights themselves."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or \
+        os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+
+
 def device_map_for_quantized() -> dict[str, Any]:
     """Each process keeps its quantized copy on its own device: never `auto` under data parallelism."""
     import torch
@@ -152,13 +158,17 @@ def load_base_model(source: ModelSource, *, precision: str, quantization: str | 
     if quantization:
         from transformers import BitsAndBytesConfig
 
+        sharded = sharded_engine()
         if quantization == "4bit":
+            # FSDP and ZeRO-3 shard parameters of one dtype: NF4 packed into the compute dtype (FSDP-QLoRA).
+            storage = {"bnb_4bit_quant_storage": dtype} if sharded else {}
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype)
+                bnb_4bit_compute_dtype=dtype, **storage)
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["device_map"] = device_map_for_quantized()
+        if not sharded:  # the sharding engine places the weights itself
+            kwargs["device_map"] = device_map_for_quantized()
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
     except (OSError, ValueError, ImportError) as exc:

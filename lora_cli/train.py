@@ -65,9 +65,16 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     base_params = models.count_parameters(model)
     if cfg.training.learning_rate is None:
         cfg.training.learning_rate = auto_learning_rate(base_params)
+    from transformers import set_seed
+
+    set_seed(cfg.training.seed)  # LoRA's A matrices are drawn here: the same seed gives the same adapter
     model = models.add_lora(model, cfg.lora, quantized=bool(quantization),
                             gradient_checkpointing=cfg.training.gradient_checkpointing)
     trainable, total = model.get_nb_trainable_parameters()
+    if world_size > 1:  # every rank has checked the folder before rank 0 creates it
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
     if is_main:  # only now, with data and model known good, does anything get written
         runs.create_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
 
