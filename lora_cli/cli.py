@@ -121,6 +121,8 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Learning rate. [default: 1e-3 below 1B parameters, 2e-4 above]")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help=_help("training.lr_scheduler_type", "Learning-rate schedule."))] = None,
     warmup: Annotated[Optional[float], typer.Option(help=_help("training.warmup_steps", "Warmup steps, or a share of all steps if below 1."))] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help=_help("training.weight_decay", "AdamW weight decay."))] = None,
+    max_grad_norm: Annotated[Optional[float], typer.Option(help=_help("training.max_grad_norm", "Gradient clipping (0 = off)."))] = None,
     max_seq_len: Annotated[Optional[int], typer.Option(help=_help("data.max_seq_len", "Longest example in tokens; longer ones are cut."))] = None,
     packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Pack examples without padding. [default: packing]")] = None,
     train_on_inputs: Annotated[Optional[bool], typer.Option("--train-on-inputs/--no-train-on-inputs",
@@ -141,6 +143,8 @@ def train(
     report_to: Annotated[Optional[str], typer.Option(help=_help("training.report_to", "none, tensorboard, wandb."))] = None,
     revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit of the model.")] = None,
     trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Allow code from the model repository.")] = None,
+    allow_pickle_weights: Annotated[Optional[bool], typer.Option("--allow-pickle-weights",
+                                                                 help="Allow .bin (pickle) weights; unpickling can run code.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune a model with LoRA or QLoRA; writes a run folder and points runs/latest at it.
@@ -156,6 +160,7 @@ def train(
         "training.num_train_epochs": epochs, "training.max_steps": max_steps,
         "training.per_device_train_batch_size": batch_size, "training.gradient_accumulation_steps": grad_accum,
         "training.learning_rate": lr, "training.lr_scheduler_type": scheduler, "training.warmup_steps": warmup,
+        "training.weight_decay": weight_decay, "training.max_grad_norm": max_grad_norm,
         "data.max_seq_len": max_seq_len, "data.packing": packing, "data.train_on_inputs": train_on_inputs,
         "data.format": data_format, "data.template": template, "data.eval_data": eval_data,
         "data.eval_split": eval_split, "training.seed": seed, "training.save_steps": save_steps,
@@ -163,6 +168,7 @@ def train(
         "training.logging_steps": logging_steps, "resume": resume, "overwrite": overwrite,
         "training.gradient_checkpointing": gradient_checkpointing, "model.precision": precision,
         "training.report_to": report_to, "model.revision": revision, "model.trust_remote_code": trust_remote_code,
+        "model.allow_pickle_weights": allow_pickle_weights,
     }
     cfg = build_config(config, flags)
     from lora_cli import train as training
@@ -307,6 +313,56 @@ def merge(
     typer.echo(f"Merged ({report['merge_into']} weights, {report['dtype']}) in {report['seconds']:.0f} s{checked}.\n"
                f"  model  {report['output_dir']}\n"
                f"Next: lora generate --model {report['output_dir']} --prompt \"...\"", err=True)
+
+
+@app.command()
+@errors_as_one_line
+def estimate(
+    config: ConfigOpt = None,
+    model: Annotated[Optional[str], typer.Option(help=_help("model.name", "Short name, hub id or local folder."))] = None,
+    rank: Annotated[Optional[int], typer.Option(help=_help("lora.r", "LoRA rank r."))] = None,
+    alpha: Annotated[Optional[int], typer.Option(help=_help("lora.lora_alpha", "LoRA alpha."))] = None,
+    target_modules: Annotated[Optional[str], typer.Option(help=_help("lora.target_modules", "qv, attention, all-linear, or a list."))] = None,
+    use_4bit: Annotated[Optional[bool], typer.Option("--use-4bit/--no-use-4bit", help="NF4 base weights.")] = None,
+    use_8bit: Annotated[Optional[bool], typer.Option("--use-8bit/--no-use-8bit", help="int8 base weights.")] = None,
+    dora: Annotated[Optional[bool], typer.Option("--dora/--no-dora", help="DoRA.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=_help("training.per_device_train_batch_size", "Rows per device."))] = None,
+    max_seq_len: Annotated[Optional[int], typer.Option(help=_help("data.max_seq_len", "Tokens per row."))] = None,
+    packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Packed rows.")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing",
+                                                                   help="Recompute activations.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="bf16, fp16, fp32 (auto = bf16).")] = None,
+    device: Annotated[str, typer.Option(help="cuda or cpu: what the overhead is counted for.")] = "cuda",
+    as_json: JsonOpt = False,
+) -> None:
+    """Trainable parameters and the memory a training needs, from the model's config alone (offline for short names).
+
+    Example: lora estimate --model llama-7b --rank 8 --use-4bit
+    """
+    from lora_cli.config import build_config
+    from lora_cli.errors import ConfigError
+
+    if device not in ("cuda", "cpu"):
+        raise ConfigError(f"--device must be cuda or cpu, got {device!r}")
+    cfg = build_config(config, {
+        "model.name": model, "lora.r": rank, "lora.lora_alpha": alpha, "lora.target_modules": target_modules,
+        "model.use_4bit": use_4bit, "model.use_8bit": use_8bit, "lora.use_dora": dora,
+        "training.per_device_train_batch_size": batch_size, "data.max_seq_len": max_seq_len, "data.packing": packing,
+        "training.gradient_checkpointing": gradient_checkpointing, "model.precision": precision})
+    from lora_cli import estimate as est
+
+    report = est.estimate(
+        est.load_model_config(cfg.model.name), r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha,
+        target_modules=cfg.lora.target_modules,
+        quantization="4bit" if cfg.model.use_4bit else "8bit" if cfg.model.use_8bit else None,
+        use_dora=cfg.lora.use_dora, batch_size=cfg.training.per_device_train_batch_size,
+        max_seq_len=cfg.data.max_seq_len, gradient_checkpointing=cfg.training.gradient_checkpointing,
+        compute_dtype="bf16" if cfg.model.precision == "auto" else cfg.model.precision, device=device,
+        lora_dropout=cfg.lora.lora_dropout, packing=cfg.data.packing, model=cfg.model.name)
+    if as_json:
+        _print_json(report)
+    else:
+        typer.echo(est.format_estimate(report))
 
 
 def run() -> None:

@@ -34,6 +34,7 @@ class ModelConfig:
     # auto = bf16 where the hardware computes it fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp32.
     precision: str = "auto"
     trust_remote_code: bool = False  # never run code from a model repository unless asked
+    allow_pickle_weights: bool = False  # weights load from safetensors only: unpickling can run code
 
 
 @dataclass
@@ -114,6 +115,7 @@ FLAGS: dict[str, str] = {
     "model.use_8bit": "--use-8bit",
     "model.precision": "--precision",
     "model.trust_remote_code": "--trust-remote-code",
+    "model.allow_pickle_weights": "--allow-pickle-weights",
     "lora.r": "--rank",
     "lora.lora_alpha": "--alpha",
     "lora.lora_dropout": "--dropout",

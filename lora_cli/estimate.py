@@ -20,9 +20,10 @@ GPU_SIZES_GB = (8, 12, 16, 24, 40, 80)  # GPU sizes as sold; taken as GiB (an "8
 GIB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 QUANTIZATIONS = (None, "4bit", "8bit")
-# CUDA context + caching-allocator slack; on CPU the resident size of a process that has imported
-# torch, transformers, peft and datasets (measured ~0.47 GiB) plus tokenizer/data and malloc slack.
-OVERHEAD_BYTES = {"cuda": int(0.75 * GIB), "cpu": int(0.6 * GIB)}
+# Overheads (see _overhead): CUDA context + caching-allocator slack; on CPU the resident size of a
+# process that has imported torch, transformers, peft and datasets (measured 0.47 GiB) + malloc slack.
+CUDA_CONTEXT_BYTES, CUDA_ALLOCATOR_SLACK = int(0.75 * GIB), 0.05
+CPU_BASELINE_BYTES, CPU_MALLOC_SLACK = int(0.5 * GIB), 0.4
 # Which tensor a LLaMA projection reads: projections reading the same tensor share a saved input.
 INPUT_GROUP = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
                "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
@@ -36,27 +37,45 @@ def shipped_models() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
+def _shipped_name(model: str) -> str | None:
+    """The shipped config for a short name or for the hub id a short name stands for."""
+    from lora_cli.models import SHORT_NAMES  # light module: no torch at import
+
+    by_hub_id = {hub_id.lower(): short for short, hub_id in SHORT_NAMES.items()}
+    name = model.lower()
+    name = by_hub_id.get(name, name)
+    return name if (CONFIG_DIR / f"{name}.json").is_file() else None
+
+
 def load_model_config(model: str):
-    """A transformers config for a short name, a local folder with config.json, or a hub id."""
+    """A transformers config for a short name (or its hub id), a local folder with config.json, or a hub id."""
     from transformers import AutoConfig
 
-    shipped = CONFIG_DIR / f"{model}.json"
-    if shipped.is_file():
-        data = json.loads(shipped.read_text())
-        return AutoConfig.for_model(**data)
+    choices = ", ".join(shipped_models())
+    shipped = _shipped_name(model)
+    if shipped:
+        config = AutoConfig.for_model(**json.loads((CONFIG_DIR / f"{shipped}.json").read_text()))
+        config.name_or_path = shipped  # names the model in the report
+        return config
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(f"Model folder '{model}' has no config.json; point --model at a "
-                             f"Hugging Face model folder or use one of: {', '.join(shipped_models())}.")
+            raise ModelError(f"Model folder '{model}' has no config.json; point --model at a transformers "
+                             f"model folder or use one of: {choices}.")
         return AutoConfig.from_pretrained(str(path))
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelError(f"Model folder '{model}' does not exist; give an existing model folder, a hub id "
+                         f"or one of: {choices}.")
+    from lora_cli.models import check_hub
+
+    check_hub(model, model, None)  # one quick look instead of half a minute of retries
     try:
         return AutoConfig.from_pretrained(model)
-    except Exception as exc:  # offline, unknown id, gated repo, bad path: one answer for the user
+    except Exception as exc:  # offline, unknown id, gated repo: one answer for the user
         raise ModelError(
-            f"Cannot get a config for model '{model}': it is not a shipped short name, not a local folder "
-            f"with config.json, and the Hugging Face Hub is unreachable or has no such model id "
-            f"({type(exc).__name__}); use one of {', '.join(shipped_models())} or a local model folder."
+            f"Cannot get a config for model '{model}': it is not a shipped short name or a local folder, and "
+            f"the Hugging Face Hub is unreachable or has no such model id ({type(exc).__name__}); use one of "
+            f"{choices}, or a local model folder with config.json."
         ) from exc
 
 
@@ -98,9 +117,10 @@ def _count(model, lora_config, get_peft_model):
                if isinstance(m, torch.nn.Linear) and name.split(".")[-1] != "lm_head"]
     try:
         peft_model = get_peft_model(model, lora_config)
-    except ValueError as exc:
+    except ValueError:
         names = ",".join(sorted(lora_config.target_modules))
-        raise ConfigError(f"Target modules {names} do not fit this model: {exc}") from exc
+        available = ", ".join(sorted({name.rsplit(".", 1)[-1] for name, *_ in linears}))
+        raise ConfigError(f"--target-modules {names} match no layer of this model; it has: {available}.") from None
     trainable, total = peft_model.get_nb_trainable_parameters()
     adapted = [(name.removeprefix("base_model.model."), m.in_features, m.out_features)
                for name, m in peft_model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "in_features")]
@@ -108,84 +128,85 @@ def _count(model, lora_config, get_peft_model):
 
 
 def _weights_bytes(base_params: int, linears, quantization, p: int) -> int:
-    """Frozen base weights. Quantized: every nn.Linear but lm_head; the rest stays in compute dtype."""
+    """Frozen base weights: all in compute dtype, or every nn.Linear but lm_head quantized.
+
+    Quantized, the rest (embeddings, norms, lm_head) is fp32: `lora train` calls PEFT's
+    prepare_model_for_kbit_training, which upcasts every non-quantized parameter to fp32.
+    """
     if quantization is None:
         return base_params * p
     total, quantized = 0, 0
-    for _name, fan_in, fan_out, bias in linears:
+    for _name, fan_in, fan_out, _bias in linears:
         n = fan_in * fan_out
         quantized += n
-        total += fan_out * p if bias else 0
         if quantization == "4bit":  # NF4 4 bits/param; absmax per 64 as uint8 (double quant) + fp32 per 256 blocks
             blocks = math.ceil(n / NF4_BLOCK)
             total += math.ceil(n / 2) + blocks + math.ceil(blocks / NESTED_BLOCK) * 4 + NF4_TENSOR_CONSTANTS
         else:  # LLM.int8: int8 weight + one fp32 scale per output row
             total += n + fan_out * 4
-    return total + (base_params - quantized) * p
+    return total + (base_params - quantized) * 4
 
 
-def _activation_bytes(shape, adapted, *, batch, seq, p, quantization, use_dora, lora_dropout, r,
-                      checkpointing: bool, cpu: bool = False) -> dict:
-    """Peak saved-for-backward memory of one training step for a LLaMA decoder (SDPA attention).
+def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dora, lora_dropout, packing,
+                      checkpointing, cpu) -> dict:
+    """Peak activation memory of one training step of a LLaMA decoder with SDPA attention, as `lora train` runs it.
 
-    Counted from the tensors autograd saves in transformers' LlamaDecoderLayer (checked against
-    `torch.autograd.graph.saved_tensors_hooks` on a small model), in the spirit of Korthikanti et
-    al. 2022, "Reducing Activation Recomputation in Large Transformer Models" (s*b*h*(34+5as/h)),
-    adapted to LLaMA: SwiGLU MLP, RMSNorm, SDPA (no s^2 scores, unlike eager attention), frozen
-    weights (a frozen linear keeps no input; a LoRA linear does). Per token and layer, p = compute bytes:
-      2 RMSNorms: fp32 copy of their input, 2*h*4        | attention: q, k, v, out, 4*h*p (padded
-      batches carry a mask, so k/v are repeated to all heads) + logsumexp a*4 + mask s*p
-      MLP: gate out, silu out, up out, 3*I*p             | LoRA: input in fp32 (adapters are fp32,
-      so PEFT casts it: one copy per module unless p is fp32), lora_A out r*4; dropout adds an
-      fp32 output + bool mask per module; DoRA keeps base and LoRA outputs, out*(p+4)
-      8-bit base linears keep their input (bitsandbytes MatMul8bitLt); 4-bit ones do not.
-    Logits: lm_head output in compute dtype plus, in fp32, the log-softmax output, its gradient
-    and the logits gradient: T*V*(p+12). Plus one layer's worth for the backward pass' gradients.
-    With gradient checkpointing only each layer's input (T*h*p) is kept and one layer is recomputed.
+    Formula: the tensors autograd saves in transformers' LlamaDecoderLayer, counted one by one and
+    checked against `torch.autograd.graph.saved_tensors_hooks` and a measured peak on SmolLM2 (to
+    ~3%). It follows Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+    Transformer Models" (per layer s*b*h*(34 + 5*a*s/h) bytes for GPT), redone for LLaMA: SwiGLU,
+    RMSNorm, SDPA (no s*s scores kept, unlike eager attention) and frozen weights (a frozen linear
+    keeps no input, a LoRA linear does). Per token and layer, p = bytes of the compute dtype:
+      RMSNorm x2: its fp32 copy of the input, 2*h*4 | attention: q, k, v (the mask makes SDPA repeat
+      k/v to all heads), output 4*h*p; logsumexp a*4; the additive mask row, s*p (packing: one
+      row of b*s tokens, so b*s*p) | SwiGLU: gate, silu, up outputs 3*I*p
+      LoRA, per adapted module: its input (under bf16/fp16 autocast a fresh p-byte copy per module;
+      in fp32 one shared fp32 tensor) + lora_A output r*4; dropout adds its fp32 output (fp32 runs)
+      and its mask (bool on CUDA, an fp32 noise tensor on CPU); DoRA adds base and LoRA outputs.
+      8-bit base linears keep their input (bitsandbytes MatMul8bitLt); 4-bit ones keep none.
+    Logits: in fp32 the log-softmax output, its gradient and the logits' gradient: T*V*12, the
+    peak at the start of the backward pass. Plus one layer's worth for the backward pass itself.
+    Gradient checkpointing keeps only each layer's input, T*h (fp32 when quantized: the upcast
+    embeddings make the residual stream fp32), and recomputes one layer at a time.
     """
-    h, inter, heads, head_dim = shape["hidden_size"], shape["intermediate_size"], shape["heads"], shape["head_dim"]
-    layers, vocab = shape["layers"], shape["vocab_size"]
+    h, inter, heads, layers = shape["hidden_size"], shape["intermediate_size"], shape["heads"], shape["layers"]
+    attn = heads * shape["head_dim"]
     tokens = batch * seq
-    attn_width = heads * head_dim
-    width = {"attn_in": h, "o_in": attn_width, "mlp_in": h, "down_in": inter}
-    base = (2 * h * 4 + 2 * 2 * 4  # RMSNorm fp32 inputs + rsqrt terms
-            + 4 * attn_width * p + heads * 4 + seq * p  # q, k, v, out, logsumexp, mask row
-            + 3 * inter * p)  # SwiGLU
-    extra_by_layer: dict[str, int] = {}
-    kept: set[tuple[str, str]] = set()  # (layer, tensor) already kept: shared inputs count once
+    mask_row = tokens if packing else seq
+    base = 2 * h * 4 + 4 * 4 + 4 * attn * p + heads * 4 + mask_row * p + 3 * inter * p
+    mask_bytes = 4 if cpu else 1
+    extra: dict[str, int] = {}
+    kept: set[tuple[str, str]] = set()  # (layer, tensor) an fp32 run already keeps: shared inputs count once
     dora_peak = 0
     for name, fan_in, fan_out in adapted:
         parts = name.split(".")
         layer = ".".join(parts[:-2]) if "layers" in parts else "outside"
         group = INPUT_GROUP.get(parts[-1], name)
         add = r * 4
-        if lora_dropout > 0:  # dropout output in fp32 + its mask (bool on CUDA, an fp32 noise tensor on CPU)
-            add += fan_in * (8 if cpu else 5)
-        elif p != 4:
-            add += fan_in * 4
-        elif (layer, group) not in kept:
+        if p != 4:
+            add += fan_in * p
+        elif lora_dropout > 0 or (layer, group) not in kept:
             kept.add((layer, group))
             add += fan_in * 4
+        if lora_dropout > 0:
+            add += fan_in * mask_bytes
         if use_dora:
             add += fan_out * (p + 4)
-            dora_peak = max(dora_peak, fan_in * fan_out * 8)  # weight + BA in fp32, one module at a time
-        extra_by_layer[layer] = extra_by_layer.get(layer, 0) + add
-    if quantization == "8bit":
-        for layer_idx in range(layers):
-            layer = f"model.layers.{layer_idx}"
-            missing = sum(w * p for group, w in width.items() if (layer, group) not in kept)
-            extra_by_layer[layer] = extra_by_layer.get(layer, 0) + missing
-    in_layers = {k: v for k, v in extra_by_layer.items() if k != "outside"}
-    per_layer_extra = max(in_layers.values(), default=0)
-    outside = extra_by_layer.get("outside", 0)
-    one_layer = tokens * (base + per_layer_extra)
-    logits = tokens * vocab * (p + 12)
-    final_norm = tokens * h * 4
+            dora_peak = max(dora_peak, fan_in * fan_out * 8)  # weight + B@A in fp32, one module at a time
+        extra[layer] = extra.get(layer, 0) + add
+    if quantization == "8bit":  # norm outputs are fp32 (upcast norms), attention and MLP products are p
+        width = {"attn_in": (h, 4), "o_in": (attn, p), "mlp_in": (h, 4), "down_in": (inter, p)}
+        for i in range(layers):
+            layer = f"model.layers.{i}"
+            extra[layer] = extra.get(layer, 0) + sum(w * b for g, (w, b) in width.items() if (layer, g) not in kept)
+    in_layers = [v for k, v in extra.items() if k != "outside"]
+    one_layer = tokens * (base + max(in_layers, default=0))
+    shared = tokens * (h * 4 + mask_row + extra.get("outside", 0))  # final norm input, bool mask, non-layer LoRA
     if checkpointing:
-        kept_layers = layers * tokens * h * p + one_layer
+        kept_layers = layers * tokens * h * (4 if quantization else p) + one_layer
     else:
-        kept_layers = tokens * (layers * base + sum(in_layers.values()))
-    return {"layers": kept_layers + tokens * outside + final_norm, "logits": logits,
+        kept_layers = tokens * (layers * base + sum(in_layers))
+    return {"layers": kept_layers + shared, "logits": tokens * shape["vocab_size"] * 12,
             "backward": one_layer + dora_peak}
 
 
@@ -203,11 +224,28 @@ def _model_shape(config) -> dict:
     }
 
 
+def _overhead(kind: str, activations: int) -> int:
+    """CUDA: context + caching-allocator slack. CPU: process baseline + what glibc malloc keeps resident.
+
+    On CPU, freed activation memory mostly stays in the process (glibc's heap fragments and keeps
+    it), so peak RSS runs ~40% of the activations above the live peak (measured on SmolLM2 over a
+    few Trainer steps; it grows slowly with more steps).
+    """
+    if kind == "cpu":
+        return CPU_BASELINE_BYTES + int(CPU_MALLOC_SLACK * activations)
+    return CUDA_CONTEXT_BYTES + int(CUDA_ALLOCATOR_SLACK * activations)
+
+
 def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: str | list[str] = "all-linear",
              quantization: str | None = None, use_dora: bool = False, batch_size: int = 4,
              max_seq_len: int = 512, gradient_checkpointing: bool = False, compute_dtype: str = "bf16",
-             device: str = "cuda", lora_dropout: float = 0.0, model: str | None = None) -> dict:
-    """Parameter counts and peak training memory for LoRA/QLoRA on `model_config` (a transformers config)."""
+             device: str = "cuda", lora_dropout: float = 0.05, packing: bool = True,
+             model: str | None = None) -> dict:
+    """Parameter counts and peak training memory of `lora train` for LoRA/QLoRA on a transformers config.
+
+    `lora_dropout` and `packing` default to `lora train`'s defaults; bf16/fp16 compute is taken to
+    run under autocast (as `lora train` does), fp32 without. `model` names the model in the report.
+    """
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"Quantization must be 4bit, 8bit or none, not '{quantization}'.")
     if compute_dtype not in DTYPE_BYTES:
@@ -221,10 +259,10 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
     base_params, linears, adapted, trainable, total = _build_peft_model(
         model_config, r, lora_alpha, targets, use_dora, lora_dropout, compute_dtype)
 
-    def activations(batch: int, checkpointing: bool) -> int:
-        return sum(_activation_bytes(shape, adapted, batch=batch, seq=max_seq_len, p=p, quantization=quantization,
-                                     use_dora=use_dora, lora_dropout=lora_dropout,
-                                     r=r, checkpointing=checkpointing, cpu=kind == "cpu").values())
+    def activations(batch: int, checkpointing: bool = gradient_checkpointing, cpu: bool = kind == "cpu") -> int:
+        return sum(_activation_parts(shape, adapted, batch=batch, seq=max_seq_len, p=p, r=r, quantization=quantization,
+                                     use_dora=use_dora, lora_dropout=lora_dropout, packing=packing,
+                                     checkpointing=checkpointing, cpu=cpu).values())
 
     act_ckpt, act_full = activations(batch_size, True), activations(batch_size, False)
     memory = {
@@ -233,27 +271,30 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
         "gradients_bytes": trainable * 4,
         "optimizer_bytes": trainable * 8,
         "activations_bytes": act_ckpt if gradient_checkpointing else act_full,
-        "overhead_bytes": OVERHEAD_BYTES[kind],
     }
+    memory["overhead_bytes"] = _overhead(kind, memory["activations_bytes"])
     memory["total_bytes"] = sum(memory.values())
-    # Activations are linear in the batch, so the largest batch that fits has a closed form.
-    # The GPU table always assumes CUDA (its context and allocator overhead), whatever `device` is.
-    act_one = activations(1, gradient_checkpointing)
-    act_zero = 2 * act_one - activations(2, gradient_checkpointing)  # batch-independent part
-    per_sample = act_one - act_zero
-    fixed = memory["total_bytes"] - memory["activations_bytes"] - memory["overhead_bytes"] + OVERHEAD_BYTES["cuda"]
+    fixed = sum(memory[k] for k in ("weights_bytes", "lora_bytes", "gradients_bytes", "optimizer_bytes"))
+
+    def fits_on(gpu_gb: int, batch: int) -> bool:  # the GPU table always assumes CUDA, whatever `device` is
+        act = activations(batch, cpu=False)
+        return fixed + act + _overhead("cuda", act) <= gpu_gb * GIB
+
     fits = []
     for gb in GPU_SIZES_GB:
-        room = gb * GIB - fixed - act_zero
-        max_batch = max(0, room // per_sample) if per_sample > 0 else 0
-        fits.append({"gpu_gb": gb, "fits": bool(fixed + act_zero + per_sample * batch_size <= gb * GIB),
-                     "max_batch_size": int(max_batch)})
+        lo, hi = 0, 1  # memory grows with the batch: double to an upper bound, then bisect
+        while fits_on(gb, hi) and hi < 1 << 20:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits_on(gb, mid) else (lo, mid)
+        fits.append({"gpu_gb": gb, "fits": fits_on(gb, batch_size), "max_batch_size": lo})
     return {
         "model": model or getattr(model_config, "name_or_path", "") or shape["architecture"],
-        **{k: v for k, v in shape.items()},
+        **shape,
         "r": r, "lora_alpha": lora_alpha, "target_modules": targets, "use_dora": bool(use_dora),
         "lora_dropout": float(lora_dropout), "quantization": quantization, "batch_size": batch_size,
-        "max_seq_len": max_seq_len, "gradient_checkpointing": bool(gradient_checkpointing),
+        "max_seq_len": max_seq_len, "packing": bool(packing), "gradient_checkpointing": bool(gradient_checkpointing),
         "compute_dtype": compute_dtype, "device": kind,
         "base_params": base_params, "total_params": total, "trainable_params": trainable,
         "trainable_share": trainable / total,
@@ -264,41 +305,34 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
     }
 
 
-def _gib(n: int) -> str:
-    return f"{n / GIB:8.2f}"
-
-
 def format_estimate(report: dict) -> str:
     """A compact plain-text breakdown for the terminal (GiB = 2**30 bytes)."""
     m = report["memory"]
-    quant = {None: f"{report['compute_dtype']} weights", "4bit": "4-bit NF4 (double quant)",
-             "8bit": "8-bit LLM.int8"}[report["quantization"]]
-    act_note = "with" if report["gradient_checkpointing"] else "without"
-    other = report["activations_bytes_without_checkpointing" if report["gradient_checkpointing"]
-                   else "activations_bytes_with_checkpointing"]
+    base = {None: f"{report['compute_dtype']}", "4bit": "NF4 + double quant",
+            "8bit": "int8"}[report["quantization"]]
+    ckpt = "with" if report["gradient_checkpointing"] else "no"
+    overhead = "CUDA context + allocator" if report["device"] == "cuda" else "process + malloc slack"
+    rows = [(f"base weights, frozen ({base})", m["weights_bytes"]), ("LoRA adapters (fp32)", m["lora_bytes"]),
+            ("gradients (fp32)", m["gradients_bytes"]), ("optimizer, AdamW (2 x fp32)", m["optimizer_bytes"]),
+            (f"activations ({ckpt} checkpointing)", m["activations_bytes"]), (f"overhead ({overhead})",
+                                                                            m["overhead_bytes"])]
     lines = [
-        f"Model        {report['model']} ({report['architecture']}, {report['layers']} layers, "
-        f"hidden {report['hidden_size']}, vocab {report['vocab_size']})",
-        f"LoRA         r={report['r']}, alpha={report['lora_alpha']}, {'DoRA, ' if report['use_dora'] else ''}"
-        f"targets {','.join(report['target_modules'])}; base {quant}",
-        f"Parameters   total {report['total_params']:,}   trainable {report['trainable_params']:,} "
+        f"Model       {report['model']}: {report['architecture']}, {report['layers']} layers, "
+        f"hidden {report['hidden_size']}, vocab {report['vocab_size']:,}",
+        f"Adapter     {'DoRA' if report['use_dora'] else 'LoRA'} r={report['r']} alpha={report['lora_alpha']} "
+        f"on {','.join(report['target_modules'])}",
+        f"Parameters  {report['total_params']:,} total, {report['trainable_params']:,} trainable "
         f"({report['trainable_share'] * 100:.4f}%)",
         "",
-        f"Memory on {report['device']}, batch {report['batch_size']} x {report['max_seq_len']} tokens, "
-        f"{report['compute_dtype']} activations          GiB",
-        f"  base weights (frozen)                     {_gib(m['weights_bytes'])}",
-        f"  LoRA adapters (fp32)                      {_gib(m['lora_bytes'])}",
-        f"  gradients (fp32)                          {_gib(m['gradients_bytes'])}",
-        f"  optimizer states (AdamW, 2 x fp32)        {_gib(m['optimizer_bytes'])}",
-        f"  activations ({act_note} checkpointing)      {_gib(m['activations_bytes'])}"
-        f"   ({'without' if act_note == 'with' else 'with'}: {other / GIB:.2f})",
-        f"  overhead ({'CUDA context' if report['device'] == 'cuda' else 'process baseline'})"
-        f"{' ' * (21 if report['device'] == 'cuda' else 17)}{_gib(m['overhead_bytes'])}",
-        f"  total                                     {_gib(m['total_bytes'])}",
-        "",
-        "Fits on a CUDA GPU of   fits   largest batch",
+        f"Training memory on {report['device']}: batch {report['batch_size']} x {report['max_seq_len']} tokens, "
+        f"{report['compute_dtype']}{', packed' if report['packing'] else ''}",
     ]
-    for row in report["fits"]:
-        lines.append(f"  {row['gpu_gb']:>3} GB                {'yes' if row['fits'] else 'no ':>5}   "
-                     f"{row['max_batch_size']:>8}")
+    lines += [f"  {label:<44}{size / GIB:>8.2f} GiB" for label, size in rows]
+    lines += [f"  {'total':<44}{m['total_bytes'] / GIB:>8.2f} GiB",
+              f"  activations without / with gradient checkpointing: "
+              f"{report['activations_bytes_without_checkpointing'] / GIB:.2f} / "
+              f"{report['activations_bytes_with_checkpointing'] / GIB:.2f} GiB",
+              "", "  GPU     fits   largest batch (CUDA)"]
+    lines += [f"  {row['gpu_gb']:>2} GB   {'yes' if row['fits'] else 'no':<5}  {row['max_batch_size']:>6}"
+              for row in report["fits"]]
     return "\n".join(lines)

@@ -63,11 +63,11 @@ def resolve_model(name: str | None, revision: str | None = None) -> ModelSource:
     if looks_like_path or hub_id.count("/") > 1:
         raise ModelError(f"--model {name}: no such folder; give an existing model folder, a hub id or one of: "
                          + ", ".join(SHORT_NAMES))
-    _check_hub(name, hub_id, revision)
+    check_hub(name, hub_id, revision)
     return ModelSource(name, hub_id, hub_id, local=False)
 
 
-def _check_hub(name: str, hub_id: str, revision: str | None) -> None:
+def check_hub(name: str, hub_id: str, revision: str | None) -> None:
     """Fail in a second with one sentence when the hub id cannot be reached, instead of 30 s of retries."""
     from huggingface_hub import model_info, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
@@ -146,7 +146,8 @@ def device_map_for_quantized() -> dict[str, Any]:
 
 
 def load_base_model(source: ModelSource, *, precision: str, quantization: str | None = None,
-                    trust_remote_code: bool = False, revision: str | None = None) -> Any:
+                    trust_remote_code: bool = False, revision: str | None = None,
+                    allow_pickle_weights: bool = False) -> Any:
     """The frozen base in the compute precision, optionally NF4 or int8 through bitsandbytes."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -154,7 +155,8 @@ def load_base_model(source: ModelSource, *, precision: str, quantization: str | 
     if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":
         hf_logging.disable_progress_bar()  # the env var is read once, at transformers' import
     dtype = torch_dtype(precision)
-    kwargs: dict[str, Any] = {"dtype": dtype, "revision": revision, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": dtype, "revision": revision, "trust_remote_code": trust_remote_code,
+                              "use_safetensors": None if allow_pickle_weights else True}
     if quantization:
         from transformers import BitsAndBytesConfig
 
@@ -172,7 +174,11 @@ def load_base_model(source: ModelSource, *, precision: str, quantization: str | 
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
-        raise ModelError(f"cannot load model '{source.name}': {_first_line(exc)}") from None
+        hint = ""
+        if not allow_pickle_weights and "safetensors" in str(exc).lower():
+            hint = ("; it has no safetensors weights: pass --allow-pickle-weights to load .bin files "
+                    "(unpickling can run code: only for sources you trust)")
+        raise ModelError(f"cannot load model '{source.name}': {_first_line(exc)}{hint}") from None
     if quantization == "4bit":
         keep_4bit_trainable_on_cpu(model)
     return model

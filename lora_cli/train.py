@@ -58,7 +58,8 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         log.warning("fp16 with %s weights often overflows; --precision bf16 is safer where the GPU has it",
                     quantization)
     model = models.load_base_model(source, precision=precision, quantization=quantization,
-                                   trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+                                   trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
+                                   allow_pickle_weights=cfg.model.allow_pickle_weights)
     # With a KV cache, transformers skips the block-diagonal mask of packed rows and examples attend
     # to each other (tests/test_data.py checks the packed logits); training never needs the cache.
     model.config.use_cache = False
@@ -96,6 +97,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         report_to=[] if t.report_to == "none" else [t.report_to],
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
+        logging_nan_inf_filter=False,  # the default hides a NaN loss behind the running average
         ddp_find_unused_parameters=False, dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=not is_main,
     )

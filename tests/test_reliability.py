@@ -1,0 +1,158 @@
+"""Interruption and faults: kill -9 and Ctrl-C lose at most the steps since a checkpoint; resume is exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_train_args
+from lora_cli import runs
+
+# Runs `lora train` in-process with a callback that slows each step down, so a test can interrupt it
+# at a known point. The product code is untouched; only the pace changes.
+SLOW_TRAIN = """
+import sys, time
+from transformers import TrainerCallback
+from lora_cli import train as training
+original = training.run
+class Slow(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        time.sleep(0.4)
+training.run = lambda cfg, extra_callbacks=None: original(cfg, [Slow()])
+from lora_cli.cli import app
+app(sys.argv[1:])
+"""
+
+
+def start_slow(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", SLOW_TRAIN, *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if runs.checkpoint_is_complete(run_dir / "checkpoints" / f"checkpoint-{step}"):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before checkpoint {step}: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.1)
+    raise AssertionError(f"no checkpoint {step} within {timeout} s")
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "lora_cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    first, second = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture
+def steps():
+    return ["--max-steps", "12", "--save-steps", "4"]
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_adapter(workdir, tiny_model_dir, facts_file, steps):
+    reference = run_cli(tiny_train_args(tiny_model_dir, facts_file, workdir / "ref", *steps), workdir)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    args = tiny_train_args(tiny_model_dir, facts_file, workdir / "killed", *steps)
+    proc = start_slow(args, workdir)
+    wait_for_checkpoint(workdir / "killed", 4, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not runs.is_finished(workdir / "killed")
+    assert not (workdir / "killed" / "adapter_model.safetensors").exists()
+
+    resumed = run_cli([*args, "--resume"], workdir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert runs.is_finished(workdir / "killed")
+    assert_same_adapter(workdir / "ref", workdir / "killed")
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(workdir, tiny_model_dir, facts_file):
+    args = tiny_train_args(tiny_model_dir, facts_file, workdir / "run", "--max-steps", "200", "--save-steps", "100")
+    proc = start_slow(args, workdir)
+    deadline = time.time() + 300
+    while not (workdir / "run" / "train_log.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume --output-dir" in err
+    checkpoints = list((workdir / "run" / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and runs.checkpoint_is_complete(checkpoints[0])
+    assert int(checkpoints[0].name.split("-")[1]) < 100  # saved where it stopped, not at a scheduled save
+    assert not runs.is_finished(workdir / "run")
+
+
+def test_a_failure_while_saving_leaves_no_adapter(workdir, tiny_model_dir, facts_file, monkeypatch):
+    from lora_cli import adapters, train
+    from lora_cli.errors import LoraError
+
+    def broken(folder):
+        raise LoraError("disk full (simulated)")
+
+    monkeypatch.setattr(adapters, "verify_adapter", broken)
+    from test_train import tiny_config
+
+    with pytest.raises(LoraError, match="simulated"):
+        train.run(tiny_config(tiny_model_dir, facts_file, workdir / "run"))
+    assert not (workdir / "run" / "adapter_model.safetensors").exists()
+    assert not (workdir / "run" / runs.MANIFEST).exists()
+    with pytest.raises(Exception, match="holds no adapter"):
+        runs.find_run(str(workdir / "run"))
+
+
+def test_incomplete_checkpoint_is_skipped_on_resume(tmp_path):
+    folder = tmp_path / "checkpoints"
+    good, broken = folder / "checkpoint-4", folder / "checkpoint-8"
+    for path in (good, broken):
+        path.mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(2)}, str(good / "adapter_model.safetensors"))
+    for name in ("optimizer.pt", "scheduler.pt"):
+        (good / name).write_bytes(b"x")
+    (good / "trainer_state.json").write_text("{}")
+    (broken / "adapter_model.safetensors").write_bytes(b"")  # killed while writing
+    assert runs.newest_checkpoint(tmp_path) == str(good)
+
+
+def test_nan_loss_stops_the_run_keeps_the_last_checkpoint_and_no_adapter(workdir, tiny_model_dir, facts_file):
+    from transformers import TrainerCallback
+
+    from lora_cli import train
+    from lora_cli.errors import LoraError
+    from test_train import tiny_config
+
+    class Diverge(TrainerCallback):  # what a too-high learning rate does, made certain
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 5:
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+
+    cfg = tiny_config(tiny_model_dir, facts_file, workdir / "run", **{"training.save_steps": 4})
+    with pytest.raises(LoraError, match="NaN or infinite") as info:
+        train.run(cfg, extra_callbacks=[Diverge()])
+    assert "step 6" in str(info.value)
+    assert not (workdir / "run" / "adapter_model.safetensors").exists()
+    checkpoints = sorted(p.name for p in (workdir / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-4"]  # the last good one, and nothing saved after the NaN
