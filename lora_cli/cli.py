@@ -365,6 +365,26 @@ def estimate(
         typer.echo(est.format_estimate(report))
 
 
+@app.command()
+@errors_as_one_line
+def info(
+    run_dir: Annotated[Optional[str], typer.Argument(help="Run or adapter folder. [default: runs/latest]")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """What a run is: base model, adapter, data, metrics and size.
+
+    Example: lora info runs/latest
+    """
+    from lora_cli import report, runs
+
+    path = runs.find_run(run_dir)
+    manifest = runs.read_manifest(path)
+    if as_json:
+        _print_json(manifest or {"adapter": str(path)})
+    else:
+        typer.echo(report.describe(path, manifest))
+
+
 def run() -> None:
     """Console-script entry point."""
     app()

@@ -39,6 +39,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     from transformers import Trainer, TrainingArguments
 
     from lora_cli import callbacks, data, manifest, models, runs
+    from lora_cli.report import plot_loss_curve
 
     # 1. Where the run goes. Every process must agree on the folder, so rank 0 picks it.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -143,6 +144,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     record = manifest.build(cfg, source, base_params, precision, quantization, prepared, metrics, world_size)
     if trainer.is_world_process_zero():
         save_adapter(model, tokenizer, run_dir)
+        plot_loss_curve(run_dir)
         runs.write_json_atomic(run_dir / runs.MANIFEST, record)
         runs.update_latest(run_dir)
     return TrainResult(run_dir, record, model=model)

@@ -107,6 +107,13 @@ def test_eval_json_has_base_and_adapted_side_by_side(workdir, tiny_model_dir, fa
     assert report["adapted"]["loss"] < report["base"]["loss"]  # trained on these very rows
 
 
+def test_info_describes_the_latest_run(workdir, tiny_model_dir, facts_file):
+    assert invoke(*tiny_train_args(tiny_model_dir, facts_file, workdir / "run")).exit_code == 0
+    result = invoke("info")
+    assert result.exit_code == 0, result.output
+    assert "r=4 alpha=8" in result.output and "32 examples (instruction" in result.output
+
+
 def test_help_is_instant_and_lists_every_command():
     started = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "lora_cli", "--help"], capture_output=True, text=True, check=True)

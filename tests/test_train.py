@@ -10,7 +10,7 @@ import torch
 
 from lora_cli import train
 from lora_cli.config import build_config
-from lora_cli.runs import MANIFEST, is_finished, latest_run
+from lora_cli.runs import MANIFEST, is_finished
 
 
 def tiny_config(model_dir: Path, data: Path, out: Path, **overrides):
@@ -106,7 +106,8 @@ def test_vanilla_peft_load_reproduces_our_logits(trained, tiny_model_dir):
 def test_run_folder_is_complete_and_self_describing(trained, tiny_model_dir):
     result, root = trained
     run_dir = result.run_dir
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", MANIFEST, "train_log.jsonl"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", MANIFEST, "train_log.jsonl",
+                 "loss_curve.png"):
         assert (run_dir / name).is_file(), name
     assert not (run_dir / ".adapter.tmp").exists()
     manifest = json.loads((run_dir / MANIFEST).read_text())
@@ -116,7 +117,7 @@ def test_run_folder_is_complete_and_self_describing(trained, tiny_model_dir):
     assert manifest["metrics"]["trainable_params"] > 0 and "train_loss" in manifest["metrics"]
     adapter_config = json.loads((run_dir / "adapter_config.json").read_text())
     assert Path(adapter_config["base_model_name_or_path"]) == tiny_model_dir.resolve()
-    assert latest_run() is None or True  # latest is per-process env; checked in test_latest_points_at_the_run
+    assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (root / "runs" / "latest").resolve() == run_dir.resolve()
 
 

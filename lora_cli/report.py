@@ -1,0 +1,73 @@
+"""Run summaries for people: the loss-curve picture written into each run, and `lora info`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+LOSS_CURVE = "loss_curve.png"
+
+
+def read_log(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "train_log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(run_dir: Path) -> Path | None:
+    """Training (and evaluation) loss against the step, as a PNG in the run folder; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    log = read_log(run_dir)
+    train = [(row["step"], row["loss"]) for row in log if "loss" in row]
+    evals = [(row["step"], row["eval_loss"]) for row in log if "eval_loss" in row]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    target = run_dir / LOSS_CURVE
+    fig.savefig(target)
+    plt.close(fig)
+    return target
+
+
+def describe(run_dir: Path, manifest: dict[str, Any] | None) -> str:
+    """`lora info`: what a run is, what it was trained on, how it went, and how big it is."""
+    size = sum(p.stat().st_size for p in run_dir.glob("adapter_model*.safetensors"))
+    adapter = json.loads((run_dir / "adapter_config.json").read_text())
+    lines = [f"run         {run_dir}"]
+    if manifest:
+        base, data, cfg, m = manifest["base_model"], manifest["data"], manifest["config"], manifest["metrics"]
+        quant = f" + {base['quantization']}" if base.get("quantization") else ""
+        lines += [
+            f"base model  {base['name']} ({base.get('hub_id') or base['path']}), {base['parameters']:,} parameters, "
+            f"{base['precision']}{quant}",
+            f"adapter     r={adapter['r']} alpha={adapter['lora_alpha']} on {', '.join(sorted(adapter['target_modules']))}"
+            f"{' (DoRA)' if adapter.get('use_dora') else ''}, {m['trainable_params']:,} trainable, {size / 1e6:.1f} MB",
+            f"data        {data['source']}: {data['train_examples']} examples ({data['format']}, template "
+            f"{data['template']}), sha256 {str(data.get('sha256') or data.get('fingerprint'))[:12]}",
+            f"training    {m['global_step']} steps, lr {cfg['training']['learning_rate']}, "
+            f"{m['train_runtime_s']:.0f} s, {m['tokens_per_second']:.0f} tokens/s, world size {manifest['world_size']}",
+            f"metrics     train loss {m['train_loss']:.4f}" + (f", eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else ""),
+            f"created     {manifest['created']} with lora {manifest['versions']['lora']}",
+        ]
+    else:
+        lines += [f"base model  {adapter.get('base_model_name_or_path')}",
+                  f"adapter     r={adapter['r']} alpha={adapter['lora_alpha']}, {size / 1e6:.1f} MB (a PEFT adapter "
+                  "without a lora manifest)"]
+    return "\n".join(lines)
