@@ -55,6 +55,8 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     # 3. The frozen base in the fastest precision the hardware has, then the adapter on top.
     precision = models.resolve_precision(cfg.model.precision)
     quantization = "4bit" if cfg.model.use_4bit else "8bit" if cfg.model.use_8bit else None
+    if is_main:
+        check_memory(cfg, source, precision, quantization)
     if quantization and precision == "fp16":
         log.warning("fp16 with %s weights often overflows; --precision bf16 is safer where the GPU has it",
                     quantization)
@@ -122,6 +124,11 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     interrupt.install()
     try:
         result = trainer.train(resume_from_checkpoint=runs.newest_checkpoint(run_dir) if cfg.resume else None)
+    except torch.OutOfMemoryError:
+        raise LoraError(f"out of GPU memory at step {trainer.state.global_step}; lower --batch-size (raise --grad-accum "
+                        "to keep the effective batch) or --max-seq-len, or add --use-4bit or --gradient-checkpointing "
+                        f"(`lora estimate` shows what fits); checkpoints so far are kept in {run_dir / runs.CHECKPOINTS}"
+                        ) from None
     finally:
         interrupt.uninstall()
     elapsed = time.perf_counter() - started
@@ -148,6 +155,34 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         runs.write_json_atomic(run_dir / runs.MANIFEST, record)
         runs.update_latest(run_dir)
     return TrainResult(run_dir, record, model=model)
+
+
+def check_memory(cfg: TrainConfig, source: Any, precision: str, quantization: str | None) -> None:
+    """Print what the run will need, and refuse at once when it clearly cannot fit the GPU it has."""
+    import torch
+
+    from lora_cli import estimate
+
+    try:
+        report = estimate.estimate(
+            estimate.load_model_config(source.location), r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha,
+            target_modules=cfg.lora.target_modules, quantization=quantization, use_dora=cfg.lora.use_dora,
+            batch_size=cfg.training.per_device_train_batch_size, max_seq_len=cfg.data.max_seq_len,
+            gradient_checkpointing=cfg.training.gradient_checkpointing, compute_dtype=precision,
+            device="cuda" if torch.cuda.is_available() else "cpu", lora_dropout=cfg.lora.lora_dropout,
+            packing=cfg.data.packing, model=source.name)
+    except Exception as exc:  # an estimate is advice; an architecture it cannot model must not stop training
+        log.debug("no memory estimate: %s", exc)
+        return
+    need = report["memory"]["total_bytes"]
+    log.info("Estimated peak memory: %.1f GiB (batch %d x %d tokens; `lora estimate` has the breakdown)",
+             need / 2**30, cfg.training.per_device_train_batch_size, cfg.data.max_seq_len)
+    if torch.cuda.is_available():
+        have = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+        # only refuse when clearly too big: the estimate is within about 25%, so allow for that
+        if need > 1.5 * have:
+            raise LoraError(f"this setup needs about {need / 2**30:.1f} GiB but the GPU has {have / 2**30:.1f} GiB; "
+                            "lower --batch-size or --max-seq-len, or add --use-4bit or --gradient-checkpointing")
 
 
 def _agree_on_run_dir(cfg: TrainConfig, world_size: int) -> Path:
