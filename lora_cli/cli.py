@@ -287,10 +287,10 @@ def eval_command(
 @app.command()
 @errors_as_one_line
 def merge(
-    run_or_adapter: Annotated[Optional[str], typer.Argument(help="Run or adapter folder. [default: runs/latest]")] = None,
-    output_dir: Annotated[Optional[str], typer.Option(help="Where the merged model goes. [default: <run>/merged]")] = None,
-    base: Annotated[Optional[str], typer.Option(help="Base model (short name, hub id or folder). [default: the run's]")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16. [default: the base's stored dtype]")] = None,
+    run_or_adapter: Annotated[Optional[str], typer.Argument(help="Run or adapter folder (default: runs/latest).")] = None,
+    output_dir: Annotated[Optional[str], typer.Option(help="Where the merged model goes (default: <run>/merged).")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model: short name, hub id or folder (default: the run's).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (default: the base's stored dtype).")] = None,
     merge_into: Annotated[str, typer.Option(help="dequantized: for a QLoRA/8-bit adapter, the dequantized weights it "
                                                  "was trained against; original: the full-precision weights.")] = "dequantized",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier merge in --output-dir.")] = False,

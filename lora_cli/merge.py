@@ -1,0 +1,527 @@
+"""`lora merge`: fold a LoRA adapter into full-precision base weights and save a plain transformers folder.
+
+The base is streamed one safetensors shard at a time, and within it one tensor at a time: each tensor
+is read, merged and written before the next is read, so memory stays near the base's largest tensor
+plus the adapter, never a whole shard or the whole model; the shard layout and index are kept. A QLoRA
+adapter is folded into the dequantized weights it was trained against, never into quantized ones
+(FACTS.md: merging into 4-bit weights moves logits by 30). A self-check compares the written folder's
+logits with base + adapter before the folder is renamed into place.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from lora_cli.errors import ConfigError, LoraError, ModelError, RunError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}  # --dtype -> safetensors code
+MERGE_INTO = ("dequantized", "original")
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")  # stored tensors that take the output dtype; others pass through
+INDEX = "model.safetensors.index.json"
+RECORD = "lora_merge.json"  # written into the merged folder: what was merged, how, and how well it checked
+PROBE = "The quick brown fox jumps over the lazy dog. LoRA adds a low-rank update: W + (alpha / r) B A. 0123456789"
+FP32_TOLERANCE = 1e-3
+# bf16/fp16 files: storing SmolLM2-135M's own weights in bf16 moves its logits by 0.23 of 34 (0.84 x bf16's
+# machine epsilon, relative), in fp16 by 0.038 (1.1 x fp16's epsilon); allow 4 x epsilon x the largest logit.
+LOW_PRECISION_EPS_FACTOR = 4.0
+# adapter_config.json keys naming features whose forward is not W + scale * B A (+ DoRA): refused, not guessed.
+UNSUPPORTED = {"fan_in_fan_out": "fan_in_fan_out (Conv1D) layers", "lora_bias": "LoRA biases",
+               "layer_replication": "layer replication", "trainable_token_indices": "trainable tokens",
+               "target_parameters": "LoRA on parameters", "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA",
+               "alora_invocation_tokens": "activated LoRA", "arrow_config": "Arrow routing",
+               "kasa_config": "KaSA", "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA"}
+
+
+@dataclass
+class Delta:
+    """One LoRA pair: W' = W + scale * B A (transposed for embeddings), rescaled row-wise for DoRA."""
+
+    A: Any
+    B: Any
+    scale: float
+    embedding: bool = False
+    magnitude: Any = None  # DoRA's learned row norms
+
+    def apply(self, weight: Any) -> Any:
+        import torch
+
+        delta = (self.B.float() @ self.A.float()) * self.scale
+        merged = weight + (delta.T if self.embedding else delta)
+        if self.magnitude is None:
+            return merged
+        # DoRA (peft's merge): the direction W + scale B A, rescaled so each output row has the learned norm.
+        return (self.magnitude.float() / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged
+
+
+@dataclass
+class Plan:
+    """What happens to each base tensor (by its key in the shards)."""
+
+    deltas: dict[str, Delta] = field(default_factory=dict)
+    replace: dict[str, Any] = field(default_factory=dict)  # modules_to_save: the adapter's full tensor
+    roundtrip: set[str] = field(default_factory=set)  # quantized in training: merge into the dequantized weight
+    quantization: str | None = None
+    train_dtype: Any = None
+
+    def touches(self, key: str) -> bool:
+        return key in self.deltas or key in self.replace or key in self.roundtrip
+
+    def tensor(self, key: str, stored: Any) -> Any:
+        weight = self.replace.get(key, stored).float()
+        if key in self.roundtrip:
+            weight = dequantized(weight, self.quantization, self.train_dtype)
+        return self.deltas[key].apply(weight) if key in self.deltas else weight
+
+
+def merge(adapter: str | None = None, output_dir: str | None = None, base: str | None = None,
+          dtype: str | None = None, merge_into: str = "dequantized", overwrite: bool = False,
+          check: bool = True) -> dict[str, Any]:
+    """Merge `adapter` (default runs/latest) into its base; returns the report (also written as lora_merge.json)."""
+    from lora_cli import adapters, models, runs
+
+    started = time.perf_counter()
+    if merge_into not in MERGE_INTO:
+        raise ConfigError(f"--merge-into must be one of {', '.join(MERGE_INTO)}, got {merge_into!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+    # 1. What to merge into what, and where it goes; refuse to clobber before any weight is read.
+    adapter_dir = runs.find_run(adapter)
+    adapters.verify_adapter(adapter_dir)
+    manifest = runs.read_manifest(adapter_dir)
+    base_name = base or adapters.base_of(adapter_dir, manifest)
+    if not base_name:
+        raise ModelError(f"cannot tell which base model {adapter_dir} belongs to; pass it with --base")
+    source = models.resolve_model(base_name)
+    base_dir = _local_folder(source, None if base else (manifest or {}).get("base_model", {}).get("revision"))
+    out = Path(output_dir).expanduser() if output_dir else adapter_dir / "merged"
+    _refuse_to_clobber(out, overwrite, adapter_dir, base_dir)
+
+    # 2. The weights the adapter was trained against: dequantized NF4/int8 for QLoRA, unless asked otherwise.
+    trained = (manifest or {}).get("base_model", {})
+    quantization = trained.get("quantization") if merge_into == "dequantized" else None
+    config = json.loads((base_dir / "config.json").read_text())
+    if config.get("quantization_config"):
+        raise ModelError(f"the base {base_dir} is stored quantized; merge into a full-precision copy of it (--base)")
+    layout = _read_layout(base_dir)
+    train_dtype = models.torch_dtype(trained.get("precision") or "fp32")
+    plan = _plan(adapter_dir, base_dir, layout, config, quantization, train_dtype)
+    out_code = DTYPES[dtype] if dtype else layout.stored
+    out_name = {code: name for name, code in DTYPES.items()}[out_code]
+    tokenizer = _tokenizer(adapter_dir, base_dir)
+    _check_vocab(tokenizer, layout, config)
+    got = {"4bit": "dequantized-nf4", "8bit": "dequantized-int8"}.get(quantization or "", "original")
+    log.info("Merging %s into %s: %s", adapter_dir, source.name, _describe(got, trained.get("quantization"), manifest))
+
+    # 3. Write everything into a temporary folder beside the target, check it, then rename it into place.
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        sizes = {shard: _write_shard(base_dir / shard, tmp / shard, plan, out_code) for shard in layout.shards}
+        if (base_dir / INDEX).is_file():
+            index = json.loads((base_dir / INDEX).read_text())
+            index["metadata"] = {**index.get("metadata", {}), "total_size": sum(sizes.values())}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        config["dtype"] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(out_code, config.get("dtype"))
+        if "torch_dtype" in config:
+            config["torch_dtype"] = config["dtype"]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if (base_dir / "generation_config.json").is_file():
+            shutil.copyfile(base_dir / "generation_config.json", tmp / "generation_config.json")
+        tokenizer.save_pretrained(tmp)
+        diff = tolerance = None
+        if check:
+            diff, tolerance = self_check(tmp, base_dir, adapter_dir, tokenizer, plan, out_code)
+            log.info("Self-check: largest logit difference to base + adapter %.2e (allowed %.1e for %s)",
+                     diff, tolerance, out_name)
+            if diff > tolerance:
+                raise LoraError(f"the merged model's logits differ from base + adapter by {diff:.3g} (more than "
+                                f"{tolerance:.1e}); nothing was kept. Please report this with the adapter's config")
+        report = {"output_dir": str(out), "adapter": str(adapter_dir), "base": source.location,
+                  "merge_into": got, "dtype": out_name, "shards": len(layout.shards),
+                  "max_logit_diff": diff, "tolerance": tolerance,
+                  "seconds": round(time.perf_counter() - started, 2)}
+        runs.write_json_atomic(tmp / RECORD, report)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _describe(got: str, trained_with: str | None, manifest: dict[str, Any] | None) -> str:
+    """Tell the user which weights they got, and how to get the others."""
+    if got == "dequantized-nf4":
+        return "into the dequantized NF4 weights it was trained against (--merge-into original for the originals)"
+    if got == "dequantized-int8":
+        return "into the dequantized int8 weights it was trained against (--merge-into original for the originals)"
+    if trained_with:
+        return f"into the original full-precision weights, as asked (it was trained against {trained_with} weights)"
+    if manifest is None:
+        return "into the original full-precision weights (no run manifest: assuming it was trained on them)"
+    return "into the original full-precision weights it was trained against"
+
+
+def _local_folder(source: Any, revision: str | None) -> Path:
+    """The base as a local folder: a hub id is fetched (or found in the hub cache) without the .bin duplicates."""
+    if source.local:
+        return Path(source.location)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source.location, revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+    except Exception as exc:  # network and hub errors come from several libraries
+        raise ModelError(f"cannot fetch the base model '{source.name}' ({type(exc).__name__}); "
+                         "pass a local folder with --base") from None
+
+
+def _refuse_to_clobber(out: Path, overwrite: bool, adapter_dir: Path, base_dir: Path) -> None:
+    if out.resolve() in (adapter_dir.resolve(), base_dir.resolve()):
+        raise ConfigError(f"--output-dir {out} is the adapter or base folder itself; pick a new folder")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    is_model = (out / RECORD).is_file() or (out / "config.json").is_file()
+    if not is_model:
+        raise RunError(f"--output-dir {out} exists and is not a model folder; pick another folder")
+    if not overwrite:
+        raise RunError(f"--output-dir {out} already holds a merged model; pass --overwrite to replace it, "
+                       "or pick another --output-dir")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Swap the finished folder in: an earlier merge is moved aside first and removed only afterwards."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class Layout:
+    """The base's weight files: shard names in order, tensor -> shard, tensor shapes, stored float dtype."""
+
+    shards: list[str]
+    weight_map: dict[str, str]
+    shapes: dict[str, list[int]]
+    stored: str
+
+
+def _read_layout(base_dir: Path) -> Layout:
+    if (base_dir / INDEX).is_file():
+        shards = list(dict.fromkeys(json.loads((base_dir / INDEX).read_text())["weight_map"].values()))
+    elif (base_dir / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise ModelError(f"the base {base_dir} has no safetensors weights; re-save it with save_pretrained() "
+                         "(safetensors is the default) and pass that folder with --base")
+    weight_map, shapes, codes = {}, {}, []
+    for shard in shards:  # headers only: no weight is read here
+        for key, info in read_header(base_dir / shard)[1].items():
+            weight_map[key], shapes[key] = shard, info["shape"]
+            codes.append(info["dtype"])
+    unknown = sorted(set(codes) - set(SAFETENSORS_DTYPES))
+    if unknown:
+        raise ModelError(f"the base {base_dir} stores tensors as {unknown[0]}, which lora merge cannot read")
+    stored = next((code for code in codes if code in FLOAT_CODES), "F32")
+    return Layout(shards, weight_map, shapes, "F32" if stored == "F64" else stored)
+
+
+def _plan(adapter_dir: Path, base_dir: Path, layout: Layout, config: dict[str, Any], quantization: str | None,
+          train_dtype: Any) -> Plan:
+    """Pair the adapter's tensors with the base tensors they change; refuse what would merge wrongly."""
+    import math
+    import re
+
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ModelError(f"{adapter_dir} is a {cfg.get('peft_type')} adapter; lora merge folds in LoRA adapters only")
+    used = [what for key, what in UNSUPPORTED.items() if cfg.get(key)]
+    if used:
+        raise ModelError(f"{adapter_dir} uses {', '.join(used)}, which lora merge cannot fold in; "
+                         "merge it with peft's merge_and_unload instead")
+    parts: dict[str, dict[str, Any]] = {}
+    plan = Plan(quantization=quantization, train_dtype=train_dtype)
+    for key, tensor in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
+        name = key.removeprefix("base_model.model.")
+        for marker, role in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"),
+                             (".lora_embedding_B", "B"), (".lora_magnitude_vector.weight", "m"),
+                             (".lora_magnitude_vector", "m")):
+            if name.endswith(marker):
+                parts.setdefault(name[: -len(marker)], {"embedding": "embedding" in marker})[role] = tensor
+                break
+        else:
+            if "lora_" in name:
+                raise ModelError(f"{adapter_dir} holds {key}, a LoRA tensor lora merge does not know; "
+                                 "merge it with peft's merge_and_unload instead")
+            plan.replace[name.replace(".base_layer.", ".")] = tensor  # modules_to_save, saved embeddings
+    patterns = cfg.get("alpha_pattern") or {}
+    # peft's own matching (peft.utils.other.get_pattern_key), without importing peft (5 s) for three lines
+    pattern = {module: next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)
+               for module in parts}
+    for module, p in parts.items():
+        if "A" not in p or "B" not in p:
+            raise ModelError(f"{adapter_dir} lacks lora_A or lora_B for {module}; the adapter is damaged")
+        if p["embedding"] and "m" in p:
+            raise ModelError(f"{adapter_dir} uses DoRA on the embedding {module}, which lora merge cannot fold in; "
+                             "merge it with peft's merge_and_unload instead")
+        r = p["A"].shape[0]  # rank_pattern gives some modules another r; their tensors say which
+        alpha = patterns.get(pattern[module], cfg["lora_alpha"])
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        plan.deltas[module + ".weight"] = Delta(p["A"], p["B"], scale, p["embedding"], p.get("m"))
+    _check_targets(plan, layout, config, adapter_dir)
+    if quantization:
+        plan.roundtrip = quantized_weight_keys(base_dir) & set(layout.weight_map)
+    return plan
+
+
+def _check_targets(plan: Plan, layout: Layout, config: dict[str, Any], adapter_dir: Path) -> None:
+    changed = sorted(set(plan.deltas) | set(plan.replace))
+    missing = [key for key in changed if key not in layout.shapes]
+    if missing:
+        raise ModelError(f"the adapter {adapter_dir} changes {missing[0]}, which the base does not have; "
+                         "is --base the model it was trained on?")
+    if config.get("tie_word_embeddings") and any(k.endswith(("embed_tokens.weight", "lm_head.weight"))
+                                                  for k in changed):
+        raise ModelError(f"the adapter {adapter_dir} changes the embeddings, which this base ties to its output "
+                         "layer, so merging would change both; use it unmerged (lora generate --adapter)")
+    for key in changed:
+        if key in plan.deltas:
+            d = plan.deltas[key]
+            got = [d.A.shape[1], d.B.shape[0]] if d.embedding else [d.B.shape[0], d.A.shape[1]]
+        else:
+            got = list(plan.replace[key].shape)
+        if got != layout.shapes[key]:
+            raise ModelError(f"the adapter {adapter_dir} gives {key} the shape {got} but the base has "
+                             f"{layout.shapes[key]} (resized embeddings?); lora merge cannot fold that in")
+
+
+def quantized_weight_keys(base_dir: Path) -> set[str]:
+    """The weights transformers quantizes with bitsandbytes: every nn.Linear but those its quantizer skips."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    with torch.device("meta"):  # the module tree without any weight
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base_dir)))
+    skip = HfQuantizer.get_modules_to_not_convert(skeleton, None, skeleton._keep_in_fp32_modules)
+    return {f"{name}.weight" for name, module in skeleton.named_modules()
+            if type(module) is torch.nn.Linear and should_convert_module(name, skip)}
+
+
+def dequantized(weight: Any, quantization: str, train_dtype: Any) -> Any:
+    """The weight as the quantized training forward saw it, in fp32.
+
+    Quantized from the weight cast to the training precision, as `from_pretrained(dtype=...)` did before
+    bitsandbytes quantized it: NF4 codes and scales taken from bf16 and from fp32 weights differ. Evaluated
+    in fp32, which is what `Linear4bit` computes with fp32 compute (tests/test_merge.py checks both).
+    """
+    import torch
+    from bitsandbytes import functional as F
+
+    source = weight.to(train_dtype)
+    if quantization == "4bit":
+        packed, state = F.quantize_4bit(source, quant_type="nf4", compress_statistics=True, blocksize=64)
+        state.dtype = torch.float32
+        return F.dequantize_4bit(packed, state)
+    # Int8Params: row-wise absmax of the fp16 weight; MatMul8bitFp multiplies back by absmax / 127.
+    codes, absmax, _ = F.int8_vectorwise_quant(source.to(torch.float16))
+    return codes.to(torch.float32).mul_(absmax.unsqueeze(1).mul(1.0 / 127.0))
+
+
+# safetensors dtype codes -> (bytes per element, torch dtype name)
+SAFETENSORS_DTYPES = {"F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
+                      "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"),
+                      "U8": (1, "uint8"), "BOOL": (1, "bool"), "F8_E4M3": (1, "float8_e4m3fn"),
+                      "F8_E5M2": (1, "float8_e5m2")}
+
+
+def _write_shard(src: Path, dst: Path, plan: Plan, out_code: str) -> int:
+    """Merge one shard tensor by tensor: read it, change it if the plan says so, write it, let it go.
+
+    The output header (names, dtypes, shapes, offsets) follows from the source header, so nothing is
+    collected in memory first; returns the size of the tensor data written.
+    """
+    import torch
+
+    metadata, infos = read_header(src)
+    entries = [(key, out_code if info["dtype"] in FLOAT_CODES else info["dtype"], info["shape"])
+               for key, info in infos.items()]
+    target = getattr(torch, SAFETENSORS_DTYPES[out_code][1])
+
+    def produce(key: str) -> Any:
+        tensor = read_tensor(src, key, infos)
+        if plan.touches(key):
+            tensor = plan.tensor(key, tensor)
+        return tensor.to(target) if tensor.is_floating_point() else tensor
+
+    return write_safetensors(dst, entries, produce, metadata or {"format": "pt"})
+
+
+# Why not safetensors' own safe_open/save_file here: safe_open memory-maps the file, and every page read
+# through the map stays in the process's resident memory until the file is closed (a whole shard), while
+# save_file needs all tensors of a shard in memory at once. The format is simple enough to stream: an
+# 8-byte little-endian header length, a JSON header of dtype, shape and [start, end) data offsets per
+# tensor, then the raw little-endian tensor bytes.
+
+def read_header(path: Path) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """The file's metadata and {name: {dtype, shape, data_offsets}}, in the order the data lies."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = dict(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]))
+    for info in tensors.values():
+        info["start"] = 8 + length + info["data_offsets"][0]
+    return metadata, tensors
+
+
+def read_tensor(path: Path, key: str, infos: dict[str, dict[str, Any]]) -> Any:
+    """One tensor, read with plain file I/O into its own buffer (freed with the tensor)."""
+    import torch
+
+    info = infos[key]
+    begin, end = info["data_offsets"]
+    buffer = bytearray(end - begin)
+    with open(path, "rb") as f:
+        f.seek(info["start"])
+        if f.readinto(buffer) != len(buffer):
+            raise ModelError(f"{path} is truncated: {key} is cut short; the base's files are damaged")
+    dtype = getattr(torch, SAFETENSORS_DTYPES[info["dtype"]][1])
+    if not buffer:
+        return torch.empty(info["shape"], dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
+
+
+def write_safetensors(path: Path, entries: list[tuple[str, str, list[int]]], produce: Callable[[str], Any],
+                      metadata: dict[str, str]) -> int:
+    """Write a safetensors file whose tensors come one at a time from `produce(name)`; returns the data size.
+
+    Larger elements first, as safetensors itself orders them, so that every tensor stays aligned.
+    """
+    import math
+
+    import torch
+
+    entries = sorted(entries, key=lambda e: -SAFETENSORS_DTYPES[e[1]][0])
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, code, shape in entries:
+        size = math.prod(shape) * SAFETENSORS_DTYPES[code][0]
+        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
+        for name, code, shape in entries:
+            tensor = produce(name).contiguous()
+            if list(tensor.shape) != shape or tensor.element_size() != SAFETENSORS_DTYPES[code][0]:
+                raise LoraError(f"internal error: {name} came out as {tuple(tensor.shape)} {tensor.dtype}")
+            out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
+    return offset
+
+
+def _tokenizer(adapter_dir: Path, base_dir: Path) -> Any:
+    """The run's tokenizer (it may carry the chat template training used), else the base's."""
+    from transformers import AutoTokenizer
+
+    home = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
+    try:
+        return AutoTokenizer.from_pretrained(str(home))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the tokenizer from {home}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _check_vocab(tokenizer: Any, layout: Layout, config: dict[str, Any]) -> None:
+    """Every token id the tokenizer can produce must have an embedding row, or generation indexes past the end."""
+    rows = next((shape[0] for key, shape in layout.shapes.items() if key.endswith("embed_tokens.weight")),
+                config.get("vocab_size"))
+    if rows is not None and len(tokenizer) > rows:
+        raise ModelError(f"the tokenizer has {len(tokenizer)} tokens but the base's embeddings only {rows} rows "
+                         "(tokens were added without resizing them); lora merge cannot fold that in")
+
+
+def self_check(folder: Path, base_dir: Path, adapter_dir: Path, tokenizer: Any, plan: Plan,
+               out_code: str) -> tuple[float, float]:
+    """Largest |logit| difference on a fixed probe between the merged folder and base + adapter, both in fp32.
+
+    The reference is what was trained: for a merge into dequantized weights, the 4-bit or 8-bit base
+    quantized as in training. The two models are loaded one after the other, to need memory for one.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = tokenizer(PROBE, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :64]
+    expected = _probe(lambda: PeftModel.from_pretrained(_reference_base(base_dir, plan), str(adapter_dir)), ids)
+    got = _probe(lambda: AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32), ids)
+    diff = (got - expected).abs().max().item()
+    if out_code == "F32":
+        return diff, FP32_TOLERANCE
+    eps = torch.finfo(torch.bfloat16 if out_code == "BF16" else torch.float16).eps
+    return diff, max(FP32_TOLERANCE, LOW_PRECISION_EPS_FACTOR * eps * expected.abs().max().item())
+
+
+def _probe(load: Callable[[], Any], ids: Any) -> Any:
+    """The fp32 logits of a model on `ids`; the model is gone when this returns (any tensor of it kept alive
+    would keep the whole memory-mapped file it was loaded from resident)."""
+    import torch
+
+    model = load().eval()
+    for module in model.modules():
+        if type(module).__name__ == "Linear8bitLt":
+            module.train()  # eval-mode int8 also rounds the activations; training computed x @ dequantized W
+    del module
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    del model
+    gc.collect()
+    return logits
+
+
+def _reference_base(base_dir: Path, plan: Plan) -> Any:
+    """The base the adapter runs on unmerged, in fp32: quantized exactly as in training where it was."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lora_cli import models
+
+    if not plan.quantization:
+        return AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    import bitsandbytes as bnb
+
+    source = models.ModelSource(str(base_dir), str(base_dir), None, local=True)
+    model = models.load_base_model(source, precision="fp32", quantization=plan.quantization)
+    layout = _read_layout(base_dir)
+    for name, module in model.named_modules():
+        if plan.train_dtype == torch.float32 or not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            continue
+        # Training quantized the weights cast to its precision: do the same (fp32 loading quantizes fp32 ones).
+        shard = base_dir / layout.weight_map[name + ".weight"]
+        weight = read_tensor(shard, name + ".weight", read_header(shard)[1]).to(plan.train_dtype)
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True,
+                                              blocksize=64, module=module).to("cpu")
+            module.weight.quant_state.dtype = torch.float32
+        else:
+            module.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to("cpu")
+    return model

@@ -1,0 +1,291 @@
+"""`lora merge` on the tiny LLaMA: the merged folder is a plain model that computes what base + adapter did."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import FACTS, tiny_train_args
+from lora_cli import merge, models, train
+from lora_cli.errors import LoraError, RunError
+from test_train import tiny_config
+
+IDS = torch.tensor([[1, 20, 30, 40, 50, 60, 70, 80, 90, 100]])
+QUESTION, ANSWER = FACTS[0]
+
+
+@pytest.fixture(scope="module")
+def fact_file(tmp_path_factory) -> Path:
+    """One fact, 32 times: what the tiny model can learn in 60 steps (all four facts need ~150 and still miss one)."""
+    path = tmp_path_factory.mktemp("fact") / "fact.jsonl"
+    path.write_text((json.dumps({"instruction": QUESTION, "output": ANSWER}) + "\n") * 32)
+    return path
+
+
+def _train(model_dir: Path, data: Path, out: Path, **overrides) -> train.TrainResult:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORA_RUNS_DIR", str(out.parent / "runs"))
+        return train.run(tiny_config(model_dir, data, out, **{"training.max_steps": 60, **overrides}))
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir, fact_file, tmp_path_factory) -> train.TrainResult:
+    return _train(tiny_model_dir, fact_file, tmp_path_factory.mktemp("lora") / "run")
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tiny_model_dir, fact_file, tmp_path_factory) -> train.TrainResult:
+    pytest.importorskip("bitsandbytes")
+    return _train(tiny_model_dir, fact_file, tmp_path_factory.mktemp("qlora") / "run", **{"model.use_4bit": True})
+
+
+def run_merge(adapter: Path, out: Path, **kwargs) -> dict:
+    args = {"base": None, "dtype": None, "merge_into": "dequantized", "overwrite": False, "check": True, **kwargs}
+    return merge.merge(str(adapter), str(out), **args)
+
+
+def logits(model, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits.float()
+
+
+def plain(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+
+
+def with_adapter(base, run_dir: Path):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(run_dir))
+
+
+def four_bit(model_dir: Path):
+    return models.load_base_model(models.ModelSource("tiny", str(model_dir), None, True), precision="fp32",
+                                  quantization="4bit")
+
+
+def greedy(model, tokenizer, question: str) -> str:
+    from lora_cli.data import Renderer
+
+    text = Renderer(tokenizer, "auto").prompt([{"role": "user", "content": question}])
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.eval().generate(input_ids=ids, max_new_tokens=20, do_sample=False,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def test_merged_folder_loads_without_peft_and_matches_base_plus_adapter(lora_run, tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    out = tmp_path / "merged"
+    report = run_merge(lora_run.run_dir, out)
+    merged = plain(out)
+    assert type(merged) is LlamaForCausalLM and not (out / "adapter_config.json").exists()
+    expected = logits(with_adapter(plain(tiny_model_dir), lora_run.run_dir))
+    torch.testing.assert_close(logits(merged), expected, atol=1e-4, rtol=0)
+    assert (logits(merged) - logits(plain(tiny_model_dir))).abs().max() > 1e-2  # the adapter is in there
+    assert report["merge_into"] == "original" and report["dtype"] == "fp32" and report["max_logit_diff"] < 1e-4
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    trained_template = AutoTokenizer.from_pretrained(lora_run.run_dir).chat_template
+    assert trained_template and AutoTokenizer.from_pretrained(out).chat_template == trained_template
+    assert json.loads((out / merge.RECORD).read_text())["output_dir"] == str(out)
+    assert leftovers(out) == []
+
+
+def test_existing_merge_is_replaced_only_with_overwrite(lora_run, tmp_path):
+    out = tmp_path / "merged"
+    run_merge(lora_run.run_dir, out, check=False)
+    before = (out / merge.RECORD).read_text()
+    with pytest.raises(RunError, match="--overwrite") as caught:
+        run_merge(lora_run.run_dir, out, check=False)
+    assert caught.value.exit_code == 2 and (out / merge.RECORD).read_text() == before
+    run_merge(lora_run.run_dir, out, check=False, overwrite=True, dtype="bf16")
+    assert json.loads((out / merge.RECORD).read_text())["dtype"] == "bf16" and leftovers(out) == []
+
+
+def test_failed_self_check_keeps_the_earlier_merge_and_leaves_nothing(lora_run, tmp_path, monkeypatch):
+    out = tmp_path / "merged"
+    run_merge(lora_run.run_dir, out, check=False)
+    before = (out / merge.RECORD).read_text()
+    monkeypatch.setattr(merge, "FP32_TOLERANCE", -1.0)  # any difference at all now fails the check
+    with pytest.raises(LoraError, match="nothing was kept") as caught:
+        run_merge(lora_run.run_dir, out, overwrite=True)
+    assert caught.value.exit_code == 1
+    assert (out / merge.RECORD).read_text() == before and leftovers(out) == []
+
+
+def test_sharded_base_is_merged_shard_by_shard_and_keeps_its_index(lora_run, tiny_model_dir, tmp_path, monkeypatch):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    sharded = tmp_path / "sharded"
+    plain(tiny_model_dir).save_pretrained(sharded, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(sharded)
+    index = json.loads((sharded / merge.INDEX).read_text())
+    shards = list(dict.fromkeys(index["weight_map"].values()))
+    assert len(shards) > 2
+    written = []
+    real_write_shard = merge._write_shard
+    monkeypatch.setattr(merge, "_write_shard", lambda src, *a: written.append(src.name) or real_write_shard(src, *a))
+    out = tmp_path / "merged"
+    run_merge(lora_run.run_dir, out, base=str(sharded))
+    assert written == shards
+    assert json.loads((out / merge.INDEX).read_text())["weight_map"] == index["weight_map"]
+    for shard in shards:
+        with safe_open(str(sharded / shard), "pt") as a, safe_open(str(out / shard), "pt") as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+    expected = logits(with_adapter(plain(sharded), lora_run.run_dir))
+    torch.testing.assert_close(logits(plain(out)), expected, atol=1e-4, rtol=0)
+
+
+def test_bf16_output_is_stored_in_bf16_and_passes_its_check(lora_run, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "merged"
+    report = run_merge(lora_run.run_dir, out, dtype="bf16")
+    assert report["dtype"] == "bf16" and report["max_logit_diff"] <= report["tolerance"]
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+
+
+def test_qlora_merge_reproduces_the_4bit_model_and_original_does_not(qlora_run, tiny_model_dir, tmp_path):
+    trained = logits(with_adapter(four_bit(tiny_model_dir), qlora_run.run_dir))
+    report = run_merge(qlora_run.run_dir, tmp_path / "dequantized")
+    assert report["merge_into"] == "dequantized-nf4"
+    torch.testing.assert_close(logits(plain(tmp_path / "dequantized")), trained, atol=1e-4, rtol=0)
+    report = run_merge(qlora_run.run_dir, tmp_path / "original", merge_into="original")
+    assert report["merge_into"] == "original"
+    assert (logits(plain(tmp_path / "original")) - trained).abs().max() > 1e-2  # NF4 rounding is not negligible
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_dequantized_weights_are_the_ones_bitsandbytes_computes_with(tiny_model_dir, precision):
+    """NF4 codes come from the weights cast to the training precision; the set of quantized layers matches."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    dtype = models.torch_dtype(precision)
+    stored = load_file(str(tiny_model_dir / "model.safetensors"))
+    model = models.load_base_model(models.ModelSource("tiny", str(tiny_model_dir), None, True), precision=precision,
+                                   quantization="4bit")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert merge.quantized_weight_keys(tiny_model_dir) == {f"{name}.weight" for name in layers}
+    for name, layer in layers.items():
+        theirs = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        mine = merge.dequantized(stored[f"{name}.weight"], "4bit", dtype)
+        assert mine.dtype == torch.float32 and torch.equal(mine.to(dtype), theirs), name
+
+
+def test_dequantized_int8_weights_are_the_ones_bitsandbytes_computes_with(tiny_model_dir):
+    bnb = pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tiny_model_dir / "model.safetensors"))
+    model = models.load_base_model(models.ModelSource("tiny", str(tiny_model_dir), None, True), precision="fp32",
+                                   quantization="8bit")
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, bnb.nn.Linear8bitLt)
+    x = torch.randn(3, layer.in_features)
+    layer.train()  # the training forward: x @ dequantized W (in eval, int8 also rounds the activations)
+    with torch.no_grad():
+        got = layer(x)
+    expected = x @ merge.dequantized(stored["model.layers.0.mlp.down_proj.weight"], "8bit", torch.float32).T
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("quantization, precision", [("8bit", "fp32"), ("4bit", "bf16")])
+def test_merge_into_dequantized_follows_how_the_run_was_quantized(quantization, precision, lora_run, tmp_path):
+    """The int8 path, and NF4 from bf16 weights; the self-check's reference is the bitsandbytes base, so
+    quantized from the weights in the training precision (the functions above pin the weights themselves)."""
+    pytest.importorskip("bitsandbytes")
+    run_dir = tmp_path / "run"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja", "lora_run.json"):
+        if (lora_run.run_dir / name).is_file():
+            (run_dir / name).parent.mkdir(exist_ok=True)
+            (run_dir / name).write_bytes((lora_run.run_dir / name).read_bytes())
+    manifest = json.loads((run_dir / "lora_run.json").read_text())
+    manifest["base_model"].update(quantization=quantization, precision=precision)
+    (run_dir / "lora_run.json").write_text(json.dumps(manifest))
+    report = run_merge(run_dir, tmp_path / "merged")
+    assert report["merge_into"] == {"8bit": "dequantized-int8", "4bit": "dequantized-nf4"}[quantization]
+    assert report["max_logit_diff"] < 1e-4
+    original = logits(plain(run_merge(run_dir, tmp_path / "original", merge_into="original")["output_dir"]))
+    assert (logits(plain(tmp_path / "merged")) - original).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["lora", "qlora"])
+def test_a_trained_fact_survives_merging(kind, lora_run, qlora_run, tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    result = lora_run if kind == "lora" else qlora_run
+    tokenizer = AutoTokenizer.from_pretrained(result.run_dir)
+    assert greedy(plain(tiny_model_dir), tokenizer, QUESTION) != ANSWER  # the base does not know it
+    assert greedy(result.model, tokenizer, QUESTION) == ANSWER
+    run_merge(result.run_dir, tmp_path / "merged")
+    assert greedy(plain(tmp_path / "merged"), tokenizer, QUESTION) == ANSWER
+
+
+PEFT_OPTIONS = {
+    "dora-rslora": {"target_modules": ["q_proj", "v_proj", "down_proj"], "use_dora": True, "use_rslora": True},
+    "patterns-embeddings-modules-to-save": {
+        "target_modules": ["q_proj", "v_proj", "gate_proj", "embed_tokens"], "modules_to_save": ["lm_head"],
+        "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"gate_proj": 3}},
+}
+
+
+@pytest.mark.parametrize("options", PEFT_OPTIONS.values(), ids=PEFT_OPTIONS.keys())
+def test_peft_options_merge_exactly(options, tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(plain(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, **options))
+    with torch.no_grad():  # B starts at zero and DoRA's magnitude at the weight norms: move them all
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.mul_(1 + 0.2 * torch.randn_like(param)).add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(tmp_path / "adapter")
+    expected = logits(with_adapter(plain(tiny_model_dir), tmp_path / "adapter"))
+    report = run_merge(tmp_path / "adapter", tmp_path / "merged")
+    merged = logits(plain(tmp_path / "merged"))
+    torch.testing.assert_close(merged, expected, atol=1e-4, rtol=0)
+    assert (merged - logits(plain(tiny_model_dir))).abs().max() > 1e-2 and report["max_logit_diff"] < 1e-4
+
+
+def test_bare_lora_merge_merges_runs_latest(workdir, tiny_model_dir, facts_file):
+    from lora_cli.cli import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, tiny_train_args(tiny_model_dir, facts_file, workdir / "runs" / "tiny")).exit_code == 0
+    result = runner.invoke(app, ["merge"])
+    assert result.exit_code == 0, result.output
+    merged = workdir / "runs" / "tiny" / "merged"
+    assert (merged / "config.json").is_file() and str(merged.resolve()) in result.stderr and result.stdout == ""
+    result = runner.invoke(app, ["merge", "--json", "--no-check"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "--overwrite" in result.stderr
+    result = runner.invoke(app, ["merge", "--json", "--no-check", "--overwrite", "--dtype", "bf16"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["dtype"] == "bf16"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtype", "fp8"], "--dtype must be one of fp32, bf16, fp16"),
+    (["--merge-into", "half"], "--merge-into must be one of dequantized, original"),
+    (["nowhere"], "nowhere does not exist"),
+])
+def test_bad_merge_input_gets_one_line_and_exit_2(args, message, workdir):
+    from lora_cli.cli import app
+
+    result = CliRunner().invoke(app, ["merge", *args])
+    assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1
