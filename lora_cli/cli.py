@@ -90,7 +90,7 @@ def _print_json(data: Any) -> None:
 
 
 def _help(key: str, text: str) -> str:
-    return f"{text} [default: {D(key)}]"
+    return f"{text} (default: {D(key)})"
 
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe; flags override it.")]
@@ -103,8 +103,8 @@ def train(
     config: ConfigOpt = None,
     model: Annotated[Optional[str], typer.Option(help=_help("model.name", "Short name, hub id or local folder."))] = None,
     data: Annotated[Optional[str], typer.Option(help="JSONL/JSON/CSV/Parquet file, folder, or hub dataset id. "
-                                                      "[default: the embedded dataset]")] = None,
-    output_dir: Annotated[Optional[str], typer.Option(help="Run folder. [default: runs/<time>-<model>]")] = None,
+                                                      "(default: the embedded dataset)")] = None,
+    output_dir: Annotated[Optional[str], typer.Option(help="Run folder. (default: runs/<time>-<model>)")] = None,
     rank: Annotated[Optional[int], typer.Option(help=_help("lora.r", "LoRA rank r."))] = None,
     alpha: Annotated[Optional[int], typer.Option(help=_help("lora.lora_alpha", "LoRA alpha (scale alpha/r)."))] = None,
     dropout: Annotated[Optional[float], typer.Option(help=_help("lora.lora_dropout", "LoRA dropout."))] = None,
@@ -118,22 +118,22 @@ def train(
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps (overrides --epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help=_help("training.per_device_train_batch_size", "Rows per device per step."))] = None,
     grad_accum: Annotated[Optional[int], typer.Option(help=_help("training.gradient_accumulation_steps", "Gradient accumulation steps."))] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate. [default: 1e-3 below 1B parameters, 2e-4 above]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate. (default: 1e-3 below 1B parameters, 2e-4 above)")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help=_help("training.lr_scheduler_type", "Learning-rate schedule."))] = None,
     warmup: Annotated[Optional[float], typer.Option(help=_help("training.warmup_steps", "Warmup steps, or a share of all steps if below 1."))] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help=_help("training.weight_decay", "AdamW weight decay."))] = None,
     max_grad_norm: Annotated[Optional[float], typer.Option(help=_help("training.max_grad_norm", "Gradient clipping (0 = off)."))] = None,
     max_seq_len: Annotated[Optional[int], typer.Option(help=_help("data.max_seq_len", "Longest example in tokens; longer ones are cut."))] = None,
-    packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Pack examples without padding. [default: packing]")] = None,
+    packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Pack examples without padding. (default: packing)")] = None,
     train_on_inputs: Annotated[Optional[bool], typer.Option("--train-on-inputs/--no-train-on-inputs",
-                                                            help="Train on prompt tokens too. [default: responses only]")] = None,
+                                                            help="Train on prompt tokens too. (default: responses only)")] = None,
     data_format: Annotated[Optional[str], typer.Option("--format", help=_help("data.format", "instruction, chat, sharegpt, completion, text."))] = None,
     template: Annotated[Optional[str], typer.Option(help=_help("data.template", "chat (the tokenizer's), alpaca."))] = None,
     eval_data: Annotated[Optional[str], typer.Option(help="Held-out file evaluated during training.")] = None,
     eval_split: Annotated[Optional[float], typer.Option(help=_help("data.eval_split", "Share of training rows held out."))] = None,
     seed: Annotated[Optional[int], typer.Option(help=_help("training.seed", "Random seed."))] = None,
     save_steps: Annotated[Optional[int], typer.Option(help=_help("training.save_steps", "Checkpoint (and evaluate) every N steps."))] = None,
-    eval_steps: Annotated[Optional[int], typer.Option(help="Evaluate every N steps. [default: with each checkpoint]")] = None,
+    eval_steps: Annotated[Optional[int], typer.Option(help="Evaluate every N steps. (default: with each checkpoint)")] = None,
     logging_steps: Annotated[Optional[int], typer.Option(help=_help("training.logging_steps", "Log every N steps."))] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue the run in --output-dir (or runs/latest) from its newest checkpoint.")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a finished run in --output-dir.")] = None,
@@ -145,6 +145,7 @@ def train(
     trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Allow code from the model repository.")] = None,
     allow_pickle_weights: Annotated[Optional[bool], typer.Option("--allow-pickle-weights",
                                                                  help="Allow .bin (pickle) weights; unpickling can run code.")] = None,
+    push_to_hub: Annotated[Optional[str], typer.Option(help="Upload the finished adapter to this hub repository.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune a model with LoRA or QLoRA; writes a run folder and points runs/latest at it.
@@ -180,6 +181,10 @@ def train(
         raise typer.Exit(130)
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    if push_to_hub:
+        from lora_cli.hub import push
+
+        typer.echo(f"Uploaded to {push(result.run_dir, push_to_hub, run=True)}", err=True)
     if as_json:
         _print_json(result.manifest)
     else:
@@ -201,7 +206,7 @@ def _train_summary(run_dir: Path, manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-AdapterOpt = Annotated[Optional[str], typer.Option(help="Run or adapter folder. [default: runs/latest]")]
+AdapterOpt = Annotated[Optional[str], typer.Option(help="Run or adapter folder. (default: runs/latest)")]
 ModelOpt = Annotated[Optional[str], typer.Option(help="A merged or plain model folder (or hub id); with --adapter, "
                                                      "the base to put it on.")]
 PrecisionOpt = Annotated[str, typer.Option(help="auto, bf16, fp16, fp32.")]
@@ -262,11 +267,14 @@ def generate(
 def eval_command(
     adapter: AdapterOpt = None,
     model: ModelOpt = None,
-    data: Annotated[Optional[str], typer.Option(help="Rows to evaluate. [default: the embedded held-out split]")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Rows to evaluate. (default: the embedded held-out split)")] = None,
     general: Annotated[Optional[str], typer.Option(help="General text for the forgetting check. "
-                                                        "[default: a sample shipped with lora]")] = None,
+                                                        "(default: a sample shipped with lora)")] = None,
     no_general: Annotated[bool, typer.Option("--no-general", help="Skip the forgetting check.")] = False,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N rows.")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="lm-evaluation-harness tasks (comma list), run on base and "
+                                                      "adapted; needs the [eval] extra.")] = None,
+    include_path: Annotated[Optional[str], typer.Option(help="Folder of local lm-eval task definitions.")] = None,
     precision: PrecisionOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
@@ -276,6 +284,14 @@ def eval_command(
     """
     from lora_cli import evaluate
 
+    if tasks:
+        from lora_cli import adapters, runs
+
+        run_dir = runs.find_run(adapter)
+        base = model or adapters.base_of(run_dir, runs.read_manifest(run_dir))
+        results = evaluate.harness(tasks, base, run_dir, include_path, limit)
+        typer.echo(json.dumps(results, indent=2) if as_json else evaluate.format_harness(results))
+        return
     report = evaluate.evaluate(adapter, model, data, None if no_general else (general or "default"), limit,
                                precision=precision)
     if as_json:
@@ -296,6 +312,7 @@ def merge(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier merge in --output-dir.")] = False,
     check: Annotated[bool, typer.Option("--check/--no-check", help="Compare the merged model's logits with base + "
                                                                    "adapter (needs memory for one full model).")] = True,
+    push_to_hub: Annotated[Optional[str], typer.Option(help="Upload the merged model to this hub repository.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fold an adapter into its base and save a standard model folder (loads without peft).
@@ -305,6 +322,10 @@ def merge(
     from lora_cli import merge as merging
 
     report = merging.merge(run_or_adapter, output_dir, base, dtype, merge_into, overwrite, check)
+    if push_to_hub:
+        from lora_cli.hub import push
+
+        typer.echo(f"Uploaded to {push(Path(report['output_dir']), push_to_hub, run=False)}", err=True)
     if as_json:
         _print_json(report)
         return
@@ -368,7 +389,7 @@ def estimate(
 @app.command()
 @errors_as_one_line
 def info(
-    run_dir: Annotated[Optional[str], typer.Argument(help="Run or adapter folder. [default: runs/latest]")] = None,
+    run_dir: Annotated[Optional[str], typer.Argument(help="Run or adapter folder. (default: runs/latest)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """What a run is: base model, adapter, data, metrics and size.

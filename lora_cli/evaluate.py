@@ -150,3 +150,50 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"general text perplexity {g['base_perplexity']:.3f} -> {g['adapted_perplexity']:.3f} "
                      f"({100 * g['perplexity_increase']:+.1f}%: how much the adapter changed unrelated text)")
     return "\n".join(lines)
+
+
+def harness(tasks: str, base: str, adapter: Path, include_path: str | None = None, limit: int | None = None,
+            device: str = "cpu") -> dict[str, dict[str, Any]]:
+    """Run lm-evaluation-harness tasks on the base and the adapted model; {task: {"base": ..., "adapted": ...}}.
+
+    lm-eval is an optional extra (`pip install ".[eval]"`); local task definitions work offline.
+    """
+    import importlib.util
+    import json as jsonlib
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from lora_cli.errors import ConfigError, LoraError
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError('--tasks needs lm-evaluation-harness: pip install ".[eval]" (or pip install lm-eval==0.4.13)')
+    results: dict[str, dict[str, Any]] = {}
+    for side, model_args in (("base", f"pretrained={base}"), ("adapted", f"pretrained={base},peft={adapter}")):
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", model_args, "--tasks", tasks,
+                   "--device", device, "--output_path", out]
+            if include_path:
+                cmd += ["--include_path", include_path]
+            if limit:
+                cmd += ["--limit", str(limit)]
+            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+            if done.returncode != 0:
+                tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise LoraError(f"lm-eval failed on the {side} model: {tail}")
+            for path in Path(out).rglob("results*.json"):
+                for task, metrics in jsonlib.loads(path.read_text())["results"].items():
+                    clean = {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float))
+                             and "stderr" not in k}
+                    results.setdefault(task, {})[side] = clean
+    return results
+
+
+def format_harness(results: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{'task':24}{'metric':16}{'base':>10}{'adapted':>10}"]
+    for task, sides in results.items():
+        for metric, value in sides.get("base", {}).items():
+            adapted = sides.get("adapted", {}).get(metric, float("nan"))
+            lines.append(f"{task:24}{metric:16}{value:>10.4f}{adapted:>10.4f}")
+    return "\n".join(lines)

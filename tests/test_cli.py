@@ -125,3 +125,13 @@ def test_help_is_instant_and_lists_every_command():
     imported = subprocess.run([sys.executable, "-c", "import lora_cli.cli, sys; print('torch' in sys.modules)"],
                               capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "False"
+
+
+def test_tasks_without_the_eval_extra_says_how_to_install_it(workdir, tiny_model_dir, facts_file, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-eval is installed here")
+    assert invoke(*tiny_train_args(tiny_model_dir, facts_file, workdir / "run")).exit_code == 0
+    result = invoke("eval", "--tasks", "hellaswag")
+    assert result.exit_code == 2 and 'pip install ".[eval]"' in result.output
