@@ -172,6 +172,9 @@ def train(
         "model.allow_pickle_weights": allow_pickle_weights,
     }
     cfg = build_config(config, flags)
+    from lora_cli.hub import check_push_target
+
+    check_push_target(push_to_hub)
     from lora_cli import train as training
 
     result = training.run(cfg)
@@ -320,7 +323,9 @@ def merge(
     Example: lora merge runs/latest --dtype bf16
     """
     from lora_cli import merge as merging
+    from lora_cli.hub import check_push_target
 
+    check_push_target(push_to_hub)
     report = merging.merge(run_or_adapter, output_dir, base, dtype, merge_into, overwrite, check)
     if push_to_hub:
         from lora_cli.hub import push

@@ -12,6 +12,21 @@ RUN_PATTERNS = ["adapter_*", "tokenizer*", "chat_template.jinja", "special_token
                 "loss_curve.png", "README.md"]
 
 
+def check_push_target(repo_id: str | None) -> None:
+    """Fail before any training when an upload is asked for but cannot happen."""
+    import os
+    import re
+
+    from lora_cli.errors import ConfigError
+
+    if not repo_id:
+        return
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo_id):
+        raise ConfigError(f"--push-to-hub {repo_id!r} is not a repository id; use NAME or ORG/NAME")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ConfigError(f"--push-to-hub {repo_id}: HF_HUB_OFFLINE=1 forbids uploading; unset it or push later")
+
+
 def push(folder: Path, repo_id: str, *, run: bool) -> str:
     """Create the repository if needed and upload; returns its URL. The token comes from `hf auth login`."""
     import os

@@ -52,6 +52,19 @@ BAD_INPUTS = [
     (["generate", "--prompt", "hi", "--adapter", "nowhere"], 2, "nowhere does not exist"),
     (["generate", "--prompts-file", "facts.jsonl"], 2, "--prompts-file needs --output"),
     (["eval", "--adapter", "nowhere"], 2, "nowhere does not exist"),
+    (["eval", "--data", "missing.jsonl"], 2, "no adapter named and no"),
+    (["train", "--data", "facts.jsonl", "--model", "MODEL", "--max-seq-len", "3"], 2,
+     "no training row keeps a response token within --max-seq-len 3"),
+    (["train", "--push-to-hub", "me/my-adapter"], 2, "HF_HUB_OFFLINE=1 forbids uploading"),
+    (["train", "--push-to-hub", "not a repo!"], 2, "is not a repository id"),
+    (["train", "--config", "unknown-key.yaml"], 2, "unknown key 'lora.rank' in unknown-key.yaml (did you mean 'lora.r'?)"),
+    (["merge", "nowhere"], 2, "nowhere does not exist"),
+    (["merge", "--push-to-hub", "me/merged"], 2, "HF_HUB_OFFLINE=1 forbids uploading"),
+    (["estimate", "--rank", "0"], 2, "--rank must be a positive integer, got 0"),
+    (["estimate", "--device", "tpu"], 2, "--device must be cuda or cpu"),
+    (["estimate", "--model", "./no/such/folder"], 1, "does not exist"),
+    (["estimate", "--model", "llama-7b", "--target-modules", "nope_proj"], 2, "nope_proj"),
+    (["info", "nowhere"], 2, "nowhere does not exist"),
 ]
 
 
@@ -61,6 +74,7 @@ def test_bad_input_gets_one_line_and_leaves_nothing(args, code, message, workdir
     (workdir / "columns.jsonl").write_text('{"question": "a", "answer": "b"}\n')
     (workdir / "empty.jsonl").write_text("\n")
     (workdir / "notes.txt").write_text("hello\n")
+    (workdir / "unknown-key.yaml").write_text("lora:\n  rank: 16\n")
     (workdir / "facts.jsonl").write_text(facts_file.read_text())
     args = [str(tiny_model_dir) if a == "MODEL" else a for a in args]
     before = snapshot(workdir)

@@ -71,3 +71,35 @@ def test_default_training_teaches_facts_asked_in_a_new_phrasing(default_model, w
     assert report["base"]["exact_match"] == 0.0
     assert report["adapted"]["exact_match"] >= 0.5, report
     assert report["adapted"]["loss"] < 0.5 * report["base"]["loss"]
+
+
+def test_estimate_is_within_a_quarter_of_the_measured_training_peak(default_model, workdir):
+    """`lora estimate --device cpu` against the peak RSS of `lora train` running the same setup."""
+    import os
+    import subprocess
+    import sys
+
+    from lora_cli import estimate
+    from lora_cli.models import resolve_precision
+
+    from lora_cli.data import ASSETS
+
+    # rows longer than --max-seq-len, so every step really holds batch x max-seq-len tokens
+    texts = [json.loads(line)["text"] for line in (ASSETS / "data" / "general_text.jsonl").read_text().splitlines()]
+    rows = [" ".join(texts[i:i + 5]) for i in range(0, len(texts) - 5)]
+    data = workdir / "long.jsonl"
+    data.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows))
+
+    proc = subprocess.Popen([sys.executable, "-m", "lora_cli", "train", "--data", str(data), "--max-steps", "6",
+                             "--batch-size", "4", "--max-seq-len", "256", "--save-steps", "100",
+                             "--output-dir", str(workdir / "run")], cwd=workdir,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert status == 0, proc.stderr.read()[-2000:]
+    measured = usage.ru_maxrss * 1024
+
+    report = estimate.estimate(estimate.load_model_config("smollm2-135m"), r=8, lora_alpha=16,
+                               target_modules="all-linear", batch_size=4, max_seq_len=256,
+                               compute_dtype=resolve_precision("auto"), device="cpu", lora_dropout=0.0, packing=True)
+    predicted = report["memory"]["total_bytes"]
+    assert abs(predicted - measured) / measured <= 0.25, (predicted / 2**30, measured / 2**30)

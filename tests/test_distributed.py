@@ -58,3 +58,32 @@ def test_two_cpu_processes_train_one_adapter_equal_to_one_process(tiny_model_dir
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=2e-4, rtol=1e-3)
+
+
+def test_two_process_run_resumes_from_its_checkpoint(tiny_model_dir, facts_file, tmp_path):
+    """A 2-rank run stopped after its checkpoint at step 4 continues with --resume to the 8-step adapter."""
+    if shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None:
+        pytest.skip("torchrun is not installed beside this Python")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORA_RUNS_DIR": str(tmp_path / "runs")}
+    torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
+                "--master_port", "29534", "-m", "lora_cli"]
+    # a constant schedule makes "4 steps, then 4 more" the same optimisation as "8 steps"
+    common = ["--batch-size", "2", "--save-steps", "4", "--scheduler", "constant", "--warmup", "0"]
+    whole = _train(torchrun, [*tiny_train_args(tiny_model_dir, facts_file, tmp_path / "whole", *common),
+                              "--max-steps", "8"], env, tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = _train(torchrun, [*tiny_train_args(tiny_model_dir, facts_file, tmp_path / "split", *common),
+                              "--max-steps", "4"], env, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = _train(torchrun, [*tiny_train_args(tiny_model_dir, facts_file, tmp_path / "split", *common),
+                                "--max-steps", "8", "--resume"], env, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    from safetensors.torch import load_file
+
+    manifest = json.loads((tmp_path / "split" / "lora_run.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["metrics"]["global_step"] == 8
+    a = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
