@@ -291,8 +291,11 @@ def eval_command(
         from lora_cli import adapters, runs
 
         run_dir = runs.find_run(adapter)
-        base = model or adapters.base_of(run_dir, runs.read_manifest(run_dir))
-        results = evaluate.harness(tasks, base, run_dir, include_path, limit)
+        manifest = runs.read_manifest(run_dir) or {}
+        base = model or adapters.base_of(run_dir, manifest)
+        chat = manifest.get("data", {}).get("template", "chat") == "chat" and \
+            manifest.get("data", {}).get("format") not in ("text", "completion")
+        results = evaluate.harness(tasks, base, run_dir, include_path, limit, chat_template=chat)
         typer.echo(json.dumps(results, indent=2) if as_json else evaluate.format_harness(results))
         return
     report = evaluate.evaluate(adapter, model, data, None if no_general else (general or "default"), limit,

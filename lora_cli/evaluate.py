@@ -153,7 +153,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def harness(tasks: str, base: str, adapter: Path, include_path: str | None = None, limit: int | None = None,
-            device: str = "cpu") -> dict[str, dict[str, Any]]:
+            device: str = "cpu", chat_template: bool = True) -> dict[str, dict[str, Any]]:
     """Run lm-evaluation-harness tasks on the base and the adapted model; {task: {"base": ..., "adapted": ...}}.
 
     lm-eval is an optional extra (`pip install ".[eval]"`); local task definitions work offline.
@@ -178,6 +178,8 @@ def harness(tasks: str, base: str, adapter: Path, include_path: str | None = Non
                 cmd += ["--include_path", include_path]
             if limit:
                 cmd += ["--limit", str(limit)]
+            if chat_template:  # prompt the models the way the adapter was trained
+                cmd += ["--apply_chat_template"]
             done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
             if done.returncode != 0:
                 tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -185,7 +187,7 @@ def harness(tasks: str, base: str, adapter: Path, include_path: str | None = Non
             for path in Path(out).rglob("results*.json"):
                 for task, metrics in jsonlib.loads(path.read_text())["results"].items():
                     clean = {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float))
-                             and "stderr" not in k}
+                             and "stderr" not in k and k != "sample_len"}
                     results.setdefault(task, {})[side] = clean
     return results
 
