@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ class LoraProgress(ProgressCallback):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{self.tokens_per_second(state):.0f}",
                                           refresh=False)
         if "eval_loss" in logs:
-            self.training_bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+            # tqdm.write goes to stdout by default; stdout is kept for results (--json)
+            self.training_bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}", file=sys.stderr)
 
 
 class JsonlLog(TrainerCallback):

@@ -15,13 +15,13 @@ import json
 import logging
 import os
 import shutil
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from lora_cli.errors import ConfigError, LoraError, ModelError, RunError
+from lora_cli.safetensors_io import SAFETENSORS_DTYPES, read_header, read_tensor, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -345,13 +345,6 @@ def dequantized(weight: Any, quantization: str, train_dtype: Any) -> Any:
     return codes.to(torch.float32).mul_(absmax.unsqueeze(1).mul(1.0 / 127.0))
 
 
-# safetensors dtype codes -> (bytes per element, torch dtype name)
-SAFETENSORS_DTYPES = {"F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
-                      "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"),
-                      "U8": (1, "uint8"), "BOOL": (1, "bool"), "F8_E4M3": (1, "float8_e4m3fn"),
-                      "F8_E5M2": (1, "float8_e5m2")}
-
-
 def _write_shard(src: Path, dst: Path, plan: Plan, out_code: str) -> int:
     """Merge one shard tensor by tensor: read it, change it if the plan says so, write it, let it go.
 
@@ -372,72 +365,6 @@ def _write_shard(src: Path, dst: Path, plan: Plan, out_code: str) -> int:
         return tensor.to(target) if tensor.is_floating_point() else tensor
 
     return write_safetensors(dst, entries, produce, metadata or {"format": "pt"})
-
-
-# Why not safetensors' own safe_open/save_file here: safe_open memory-maps the file, and every page read
-# through the map stays in the process's resident memory until the file is closed (a whole shard), while
-# save_file needs all tensors of a shard in memory at once. The format is simple enough to stream: an
-# 8-byte little-endian header length, a JSON header of dtype, shape and [start, end) data offsets per
-# tensor, then the raw little-endian tensor bytes.
-
-def read_header(path: Path) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
-    """The file's metadata and {name: {dtype, shape, data_offsets}}, in the order the data lies."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    metadata = header.pop("__metadata__", None) or {}
-    tensors = dict(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]))
-    for info in tensors.values():
-        info["start"] = 8 + length + info["data_offsets"][0]
-    return metadata, tensors
-
-
-def read_tensor(path: Path, key: str, infos: dict[str, dict[str, Any]]) -> Any:
-    """One tensor, read with plain file I/O into its own buffer (freed with the tensor)."""
-    import torch
-
-    info = infos[key]
-    begin, end = info["data_offsets"]
-    buffer = bytearray(end - begin)
-    with open(path, "rb") as f:
-        f.seek(info["start"])
-        if f.readinto(buffer) != len(buffer):
-            raise ModelError(f"{path} is truncated: {key} is cut short; the base's files are damaged")
-    dtype = getattr(torch, SAFETENSORS_DTYPES[info["dtype"]][1])
-    if not buffer:
-        return torch.empty(info["shape"], dtype=dtype)
-    return torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
-
-
-def write_safetensors(path: Path, entries: list[tuple[str, str, list[int]]], produce: Callable[[str], Any],
-                      metadata: dict[str, str]) -> int:
-    """Write a safetensors file whose tensors come one at a time from `produce(name)`; returns the data size.
-
-    Larger elements first, as safetensors itself orders them, so that every tensor stays aligned.
-    """
-    import math
-
-    import torch
-
-    entries = sorted(entries, key=lambda e: -SAFETENSORS_DTYPES[e[1]][0])
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name, code, shape in entries:
-        size = math.prod(shape) * SAFETENSORS_DTYPES[code][0]
-        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as out:
-        out.write(struct.pack("<Q", len(blob)))
-        out.write(blob)
-        for name, code, shape in entries:
-            tensor = produce(name).contiguous()
-            if list(tensor.shape) != shape or tensor.element_size() != SAFETENSORS_DTYPES[code][0]:
-                raise LoraError(f"internal error: {name} came out as {tuple(tensor.shape)} {tensor.dtype}")
-            out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-            del tensor
-    return offset
 
 
 def _tokenizer(adapter_dir: Path, base_dir: Path) -> Any:

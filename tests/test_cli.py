@@ -98,7 +98,8 @@ def test_finished_run_survives_a_second_train_into_the_same_folder(workdir, tiny
 
 
 def test_train_json_prints_only_the_manifest(workdir, tiny_model_dir, facts_file):
-    result = runner.invoke(app, tiny_train_args(tiny_model_dir, facts_file, workdir / "run", "--json"))
+    result = runner.invoke(app, tiny_train_args(tiny_model_dir, facts_file, workdir / "run", "--json",
+                                                "--eval-data", str(facts_file), "--eval-steps", "5"))
     assert result.exit_code == 0
     assert json.loads(result.stdout)["status"] == "finished"
 
