@@ -72,9 +72,11 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, *, 
     if quantization == "as-trained":
         quantization = (manifest or {}).get("base_model", {}).get("quantization")
     resolved = models.resolve_precision(precision)
-    tokenizer_home = adapter_dir if adapter_dir and (adapter_dir / "tokenizer_config.json").is_file() else None
-    tokenizer = models.load_tokenizer(models.ModelSource(str(tokenizer_home), str(tokenizer_home), None, True)
-                                      if tokenizer_home else source)
+    # the run's own tokenizer (it carries the chat template training used), else the base's
+    if adapter_dir and (adapter_dir / "tokenizer_config.json").is_file():
+        tokenizer = models.load_tokenizer(models.ModelSource(str(adapter_dir), str(adapter_dir), None, local=True))
+    else:
+        tokenizer = models.load_tokenizer(source)
     base = models.load_base_model(source, precision=resolved, quantization=quantization)
     if adapter_dir:
         from peft import PeftModel
