@@ -35,20 +35,23 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
 
     `extra_callbacks` are Trainer callbacks for callers embedding `lora` in their own code.
     """
-    import torch
-    from transformers import Trainer, TrainingArguments
+    from lora_cli import models, runs
 
-    from lora_cli import callbacks, data, manifest, models, runs
-    from lora_cli.report import plot_loss_curve
-
-    # 1. Where the run goes. Every process must agree on the folder, so rank 0 picks it.
+    # 1. Where the run goes (every process must agree on the folder, so rank 0 picks it), and which
+    # model: both are checked before torch and transformers are even imported.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     is_main = int(os.environ.get("RANK", "0")) == 0
     run_dir = _agree_on_run_dir(cfg, world_size)
     runs.check_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    source = models.resolve_model(cfg.model.name, cfg.model.revision)
+
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from lora_cli import callbacks, data, manifest
+    from lora_cli.report import plot_loss_curve
 
     # 2. Tokenizer and data before the weights: bad data fails in seconds, not after a model load.
-    source = models.resolve_model(cfg.model.name, cfg.model.revision)
     tokenizer = models.load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.revision)
     prepared = data.prepare(cfg.data, tokenizer, cfg.training.seed)
 
