@@ -106,7 +106,8 @@ def read_rows(spec: str | None, split: str = "train") -> tuple[list[dict[str, An
             digest.update(f.read_bytes())
         identity = {"source": str(spec or "embedded:" + path.name), "files": [str(f) for f in files],
                     "sha256": digest.hexdigest()}
-    elif spec and ("/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1):
+    elif spec and spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and \
+            Path(spec).suffix.lower() not in FILE_SUFFIXES:  # org/name, not a missing data/file.jsonl
         rows, identity = _read_hub(spec, split)
     else:
         raise DataError(f"--data {spec}: no such file or folder (nor a hub dataset id like 'org/name')")

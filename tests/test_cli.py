@@ -38,6 +38,7 @@ BAD_INPUTS = [
     (["train", "--config", "missing.yaml"], 2, "--config file not found: missing.yaml"),
     (["train", "--data", "missing.jsonl", "--model", "MODEL"], 2, "--data missing.jsonl: no such file or folder"),
     (["train", "--data", "notes.txt", "--model", "MODEL"], 2, "unsupported file type '.txt'"),
+    (["train", "--data", "data/missing.jsonl", "--model", "MODEL"], 2, "--data data/missing.jsonl: no such file"),
     (["train", "--data", "bad.jsonl", "--model", "MODEL"], 2, "line 2 is not valid JSON"),
     (["train", "--data", "columns.jsonl", "--model", "MODEL"], 2, "cannot tell the data format from columns"),
     (["train", "--data", "empty.jsonl", "--model", "MODEL"], 2, "no rows found"),
