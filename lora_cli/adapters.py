@@ -68,7 +68,10 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, *, 
     base_name = model or base_of(adapter_dir, manifest)
     if not base_name:
         raise LoraError(f"cannot tell which base model {adapter_dir} belongs to; pass it with --model")
-    source = models.resolve_model(base_name)
+    # the base exactly as training loaded it: same revision, same permissions
+    trained = (manifest or {}).get("config", {}).get("model", {}) if not model else {}
+    revision = trained.get("revision")
+    source = models.resolve_model(base_name, revision)
     if quantization == "as-trained":
         quantization = (manifest or {}).get("base_model", {}).get("quantization")
     resolved = models.resolve_precision(precision)
@@ -77,7 +80,9 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, *, 
         tokenizer = models.load_tokenizer(models.ModelSource(str(adapter_dir), str(adapter_dir), None, local=True))
     else:
         tokenizer = models.load_tokenizer(source)
-    base = models.load_base_model(source, precision=resolved, quantization=quantization)
+    base = models.load_base_model(source, precision=resolved, quantization=quantization, revision=revision,
+                                  trust_remote_code=trained.get("trust_remote_code", False),
+                                  allow_pickle_weights=trained.get("allow_pickle_weights", False))
     if adapter_dir:
         from peft import PeftModel
 

@@ -133,6 +133,7 @@ def train(
     eval_split: Annotated[Optional[float], typer.Option(help=_help("data.eval_split", "Share of training rows held out."))] = None,
     seed: Annotated[Optional[int], typer.Option(help=_help("training.seed", "Random seed."))] = None,
     save_steps: Annotated[Optional[int], typer.Option(help=_help("training.save_steps", "Checkpoint (and evaluate) every N steps."))] = None,
+    save_total_limit: Annotated[Optional[int], typer.Option(help=_help("training.save_total_limit", "Checkpoints kept."))] = None,
     eval_steps: Annotated[Optional[int], typer.Option(help="Evaluate every N steps. (default: with each checkpoint)")] = None,
     logging_steps: Annotated[Optional[int], typer.Option(help=_help("training.logging_steps", "Log every N steps."))] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue the run in --output-dir (or runs/latest) from its newest checkpoint.")] = None,
@@ -165,7 +166,7 @@ def train(
         "data.max_seq_len": max_seq_len, "data.packing": packing, "data.train_on_inputs": train_on_inputs,
         "data.format": data_format, "data.template": template, "data.eval_data": eval_data,
         "data.eval_split": eval_split, "training.seed": seed, "training.save_steps": save_steps,
-        "training.eval_steps": eval_steps,
+        "training.eval_steps": eval_steps, "training.save_total_limit": save_total_limit,
         "training.logging_steps": logging_steps, "resume": resume, "overwrite": overwrite,
         "training.gradient_checkpointing": gradient_checkpointing, "model.precision": precision,
         "training.report_to": report_to, "model.revision": revision, "model.trust_remote_code": trust_remote_code,
@@ -180,7 +181,7 @@ def train(
     result = training.run(cfg)
     if result.interrupted:
         typer.echo(f"Interrupted at step {result.manifest['step']}; a checkpoint is saved. Continue with the same "
-                   f"command plus: --resume --output-dir {result.run_dir}", err=True)
+                   f"command (without --overwrite) plus: --resume --output-dir {result.run_dir}", err=True)
         raise typer.Exit(130)
     if int(os.environ.get("RANK", "0")) != 0:
         return

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from lora_cli.errors import DataError
 
@@ -356,7 +356,8 @@ def prepare(data_cfg: Any, tokenizer: Any, seed: int) -> PreparedData:
         log.warning("%d of %d rows dropped: their response does not fit in --max-seq-len %d",
                     dropped, len(rows), data_cfg.max_seq_len)
     eval_examples = None
-    eval_spec = data_cfg.eval_data or (None if data_cfg.path else str(default_data_path("heldout")))
+    use_heldout = not (data_cfg.path or data_cfg.eval_split)  # the embedded dataset brings its held-out split
+    eval_spec = data_cfg.eval_data or (str(default_data_path("heldout")) if use_heldout else None)
     if eval_spec:
         eval_rows, eval_identity = read_rows(eval_spec)
         eval_examples, _ = tokenize_rows(eval_rows, detect_format(eval_rows, data_cfg.format), renderer,
@@ -369,15 +370,6 @@ def prepare(data_cfg: Any, tokenizer: Any, seed: int) -> PreparedData:
     else:
         eval_ds = datasets.Dataset.from_list(eval_examples) if eval_examples else None
     return PreparedData(train_ds, eval_ds, fmt, renderer.template, identity, dropped)
-
-
-def count_tokens(examples: Iterable[dict[str, list[int]]]) -> tuple[int, int]:
-    """(all tokens, trained tokens) of tokenized examples."""
-    total = trained = 0
-    for ex in examples:
-        total += len(ex["input_ids"])
-        trained += sum(1 for label in ex["labels"] if label != IGNORE_INDEX)
-    return total, trained
 
 
 def make_collator(tokenizer: Any, packing: bool) -> Any:

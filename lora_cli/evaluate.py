@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.errors import DataError
+from lora_cli.generate import stop_ids
 
 GENERAL_TEXT = "general_text.jsonl"
 
@@ -92,7 +93,7 @@ def exact_match(loaded: Any, pairs: list, adapter: bool, batch_size: int = 8) ->
                 longest = max(len(tok(r, add_special_tokens=False)["input_ids"]) for r in refs)
                 enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
                 out = model.generate(**enc, do_sample=False, max_new_tokens=longest + 8,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                                     pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(loaded))
                 answers += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tok.padding_side = side
@@ -114,9 +115,9 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
     from lora_cli import adapters
     from lora_cli.data import ASSETS, default_data_path, detect_format, read_rows
 
-    loaded = adapters.load_for_inference(adapter, model, precision=precision)
-    if loaded.adapter_dir is None:
+    if model and not adapter:
         raise DataError("lora eval compares base and adapted: name an adapter with --adapter (or train one first)")
+    loaded = adapters.load_for_inference(adapter, model, precision=precision)
     spec = data or str(default_data_path("heldout"))
     rows, _ = read_rows(spec)
     rows = rows[:limit] if limit else rows
@@ -153,7 +154,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def harness(tasks: str, base: str, adapter: Path, include_path: str | None = None, limit: int | None = None,
-            device: str = "cpu", chat_template: bool = True) -> dict[str, dict[str, Any]]:
+            device: str | None = None, chat_template: bool = True) -> dict[str, dict[str, Any]]:
     """Run lm-evaluation-harness tasks on the base and the adapted model; {task: {"base": ..., "adapted": ...}}.
 
     lm-eval is an optional extra (`pip install ".[eval]"`); local task definitions work offline.
@@ -167,6 +168,9 @@ def harness(tasks: str, base: str, adapter: Path, include_path: str | None = Non
 
     from lora_cli.errors import ConfigError, LoraError
 
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if importlib.util.find_spec("lm_eval") is None:
         raise ConfigError('--tasks needs lm-evaluation-harness: pip install ".[eval]" (or pip install lm-eval==0.4.13)')
     results: dict[str, dict[str, Any]] = {}

@@ -56,7 +56,7 @@ def generate_one(loaded: Any, text: str, sampling: Sampling, on_text: Callable[[
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     kwargs = {**inputs, **sampling.generate_kwargs(), "pad_token_id": tok.pad_token_id,
-              "eos_token_id": _stop_ids(loaded)}
+              "eos_token_id": stop_ids(loaded)}
     streamer = None
     if on_text is not None:
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
@@ -78,7 +78,7 @@ def generate_one(loaded: Any, text: str, sampling: Sampling, on_text: Callable[[
         return "".join(pieces)
 
 
-def _stop_ids(loaded: Any) -> list[int]:
+def stop_ids(loaded: Any) -> list[int]:
     """EOS of the tokenizer and of the model's generation config: chat models often end turns with another id."""
     ids = {loaded.tokenizer.eos_token_id}
     config_eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)

@@ -113,6 +113,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     if resume:
         if not (run_dir / CHECKPOINTS).is_dir():
             raise RunError(f"--resume: {run_dir} has no checkpoints to resume from; start it without --resume")
+        newest_checkpoint(run_dir)  # fails now, not after the model has loaded, when none is complete
         return
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         state = "a finished run" if is_finished(run_dir) else "an unfinished run"

@@ -37,6 +37,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     """
     from lora_cli import models, runs
 
+    _check_reporter(cfg.training.report_to)
     # 1. Where the run goes (every process must agree on the folder, so rank 0 picks it), and which
     # model: both are checked before torch and transformers are even imported.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -188,6 +189,16 @@ def check_memory(cfg: TrainConfig, source: Any, precision: str, quantization: st
                             "lower --batch-size or --max-seq-len, or add --use-4bit or --gradient-checkpointing")
 
 
+def _check_reporter(report_to: str) -> None:
+    """--report-to needs its package; say so before anything loads (the Trainer would fail much later)."""
+    import importlib.util
+
+    from lora_cli.errors import ConfigError
+
+    if report_to != "none" and importlib.util.find_spec(report_to) is None:
+        raise ConfigError(f"--report-to {report_to} needs the {report_to} package: pip install \".[{report_to}]\"")
+
+
 def _agree_on_run_dir(cfg: TrainConfig, world_size: int) -> Path:
     from lora_cli import runs
 
@@ -197,6 +208,9 @@ def _agree_on_run_dir(cfg: TrainConfig, world_size: int) -> Path:
         latest = runs.latest_run()
         if latest is None:
             raise RunError("--resume: no --output-dir given and no runs/latest to resume")
+        if runs.is_finished(latest):  # runs/latest only ever points at finished runs
+            raise RunError(f"--resume: runs/latest ({latest}) is finished; to train it further, name it with "
+                           "--output-dir, or name the interrupted run's folder")
         return latest
     name = [str(runs.new_run_dir(cfg.model.name))]
     if world_size > 1:
