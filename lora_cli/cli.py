@@ -64,6 +64,8 @@ def _setup_logging(debug: bool) -> None:
         import warnings
 
         warnings.filterwarnings("ignore")
+        # bitsandbytes logs at import that an optional CPU kernel package is missing: harmless here
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def errors_as_one_line(func: Callable[..., Any]) -> Callable[..., Any]:
