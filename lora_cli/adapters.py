@@ -42,6 +42,13 @@ class LoadedModel:
     base_location: str
 
 
+def tokenizer_folder(adapter_dir: Path | None, base_location: str) -> str:
+    """Where to load the tokenizer from: the run's own (it carries the chat template training used), else the base's."""
+    if adapter_dir and (adapter_dir / "tokenizer_config.json").is_file():
+        return str(adapter_dir)
+    return base_location
+
+
 def base_of(adapter_dir: Path, manifest: dict[str, Any] | None) -> str:
     """The base model an adapter was trained on: the manifest's record, else the adapter's own config."""
     if manifest:
@@ -75,11 +82,9 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, *, 
     if quantization == "as-trained":
         quantization = (manifest or {}).get("base_model", {}).get("quantization")
     resolved = models.resolve_precision(precision)
-    # the run's own tokenizer (it carries the chat template training used), else the base's
-    if adapter_dir and (adapter_dir / "tokenizer_config.json").is_file():
-        tokenizer = models.load_tokenizer(models.ModelSource(str(adapter_dir), str(adapter_dir), None, local=True))
-    else:
-        tokenizer = models.load_tokenizer(source)
+    home = tokenizer_folder(adapter_dir, source.location)
+    tokenizer = models.load_tokenizer(source if home == source.location else
+                                      models.ModelSource(home, home, None, local=True))
     base = models.load_base_model(source, precision=resolved, quantization=quantization, revision=revision,
                                   trust_remote_code=trained.get("trust_remote_code", False),
                                   allow_pickle_weights=trained.get("allow_pickle_weights", False))

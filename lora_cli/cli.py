@@ -383,14 +383,8 @@ def estimate(
         "training.gradient_checkpointing": gradient_checkpointing, "model.precision": precision})
     from lora_cli import estimate as est
 
-    report = est.estimate(
-        est.load_model_config(cfg.model.name), r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha,
-        target_modules=cfg.lora.target_modules,
-        quantization="4bit" if cfg.model.use_4bit else "8bit" if cfg.model.use_8bit else None,
-        use_dora=cfg.lora.use_dora, batch_size=cfg.training.per_device_train_batch_size,
-        max_seq_len=cfg.data.max_seq_len, gradient_checkpointing=cfg.training.gradient_checkpointing,
-        compute_dtype="bf16" if cfg.model.precision == "auto" else cfg.model.precision, device=device,
-        lora_dropout=cfg.lora.lora_dropout, packing=cfg.data.packing, model=cfg.model.name)
+    report = est.estimate_run(cfg, est.load_model_config(cfg.model.name), device=device,
+                              compute_dtype="bf16" if cfg.model.precision == "auto" else cfg.model.precision)
     if as_json:
         _print_json(report)
     else:

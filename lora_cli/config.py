@@ -36,6 +36,11 @@ class ModelConfig:
     trust_remote_code: bool = False  # never run code from a model repository unless asked
     allow_pickle_weights: bool = False  # weights load from safetensors only: unpickling can run code
 
+    @property
+    def quantization(self) -> str | None:
+        """"4bit", "8bit" or None: the bitsandbytes mode of the frozen weights."""
+        return "4bit" if self.use_4bit else "8bit" if self.use_8bit else None
+
 
 @dataclass
 class LoraSettings:

@@ -11,6 +11,7 @@ import copy
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 from lora_cli.errors import ConfigError, ModelError
 from lora_cli.targets import expand_target_modules
@@ -336,3 +337,13 @@ def format_estimate(report: dict) -> str:
     lines += [f"  {row['gpu_gb']:>2} GB   {'yes' if row['fits'] else 'no':<5}  {row['max_batch_size']:>6}"
               for row in report["fits"]]
     return "\n".join(lines)
+
+
+def estimate_run(cfg: Any, model_config: Any, *, compute_dtype: str, device: str, model: str | None = None) -> dict:
+    """The estimate for a `lora train` configuration: the one place its options become estimate() arguments."""
+    return estimate(model_config, r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, target_modules=cfg.lora.target_modules,
+                    quantization=cfg.model.quantization, use_dora=cfg.lora.use_dora,
+                    batch_size=cfg.training.per_device_train_batch_size, max_seq_len=cfg.data.max_seq_len,
+                    gradient_checkpointing=cfg.training.gradient_checkpointing, compute_dtype=compute_dtype,
+                    device=device, lora_dropout=cfg.lora.lora_dropout, packing=cfg.data.packing,
+                    model=model or cfg.model.name)

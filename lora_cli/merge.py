@@ -371,7 +371,9 @@ def _tokenizer(adapter_dir: Path, base_dir: Path) -> Any:
     """The run's tokenizer (it may carry the chat template training used), else the base's."""
     from transformers import AutoTokenizer
 
-    home = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
+    from lora_cli.adapters import tokenizer_folder
+
+    home = tokenizer_folder(adapter_dir, str(base_dir))
     try:
         return AutoTokenizer.from_pretrained(str(home))
     except (OSError, ValueError) as exc:

@@ -58,9 +58,9 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
 
     # 3. The frozen base in the fastest precision the hardware has, then the adapter on top.
     precision = models.resolve_precision(cfg.model.precision)
-    quantization = "4bit" if cfg.model.use_4bit else "8bit" if cfg.model.use_8bit else None
+    quantization = cfg.model.quantization
     if is_main:
-        check_memory(cfg, source, precision, quantization)
+        check_memory(cfg, source, precision)
     if quantization and precision == "fp16":
         log.warning("fp16 with %s weights often overflows; --precision bf16 is safer where the GPU has it",
                     quantization)
@@ -161,20 +161,15 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     return TrainResult(run_dir, record, model=model)
 
 
-def check_memory(cfg: TrainConfig, source: Any, precision: str, quantization: str | None) -> None:
+def check_memory(cfg: TrainConfig, source: Any, precision: str) -> None:
     """Print what the run will need, and refuse at once when it clearly cannot fit the GPU it has."""
     import torch
 
     from lora_cli import estimate
 
     try:
-        report = estimate.estimate(
-            estimate.load_model_config(source.location), r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha,
-            target_modules=cfg.lora.target_modules, quantization=quantization, use_dora=cfg.lora.use_dora,
-            batch_size=cfg.training.per_device_train_batch_size, max_seq_len=cfg.data.max_seq_len,
-            gradient_checkpointing=cfg.training.gradient_checkpointing, compute_dtype=precision,
-            device="cuda" if torch.cuda.is_available() else "cpu", lora_dropout=cfg.lora.lora_dropout,
-            packing=cfg.data.packing, model=source.name)
+        report = estimate.estimate_run(cfg, estimate.load_model_config(source.location), compute_dtype=precision,
+                                       device="cuda" if torch.cuda.is_available() else "cpu", model=source.name)
     except Exception as exc:  # an estimate is advice; an architecture it cannot model must not stop training
         log.debug("no memory estimate: %s", exc)
         return
