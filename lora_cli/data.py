@@ -375,11 +375,15 @@ def prepare(data_cfg: Any, tokenizer: Any, seed: int) -> PreparedData:
 def make_collator(tokenizer: Any, packing: bool) -> Any:
     """Packing: one row per batch, position ids restarting per example and no attention across them.
 
+    The example boundaries also travel as `cu_seq_lens_q/k` (FlashAttention's names), which lets
+    `packed_attention` attend within each example without building the row-by-row mask.
+
     Without packing: dynamic padding to the longest row of the batch, labels padded with IGNORE_INDEX
     (never by masking pad ids: the pad token may be the EOS, which must stay trained).
     """
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     if packing:
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
+                                          return_flash_attn_kwargs=True)
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)

@@ -47,9 +47,10 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     source = models.resolve_model(cfg.model.name, cfg.model.revision)
 
     import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     from lora_cli import callbacks, data, manifest
+    from lora_cli.loss import LoraTrainer
     from lora_cli.report import plot_loss_curve
 
     # 2. Tokenizer and data before the weights: bad data fails in seconds, not after a model load.
@@ -70,6 +71,10 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     # With a KV cache, transformers skips the block-diagonal mask of packed rows and examples attend
     # to each other (tests/test_data.py checks the packed logits); training never needs the cache.
     model.config.use_cache = False
+    if cfg.data.packing and not torch.cuda.is_available() and model.config._attn_implementation == "sdpa":
+        from lora_cli import packed_attention
+
+        model.set_attn_implementation(packed_attention.register())
     base_params = models.count_parameters(model)
     if cfg.training.learning_rate is None:
         cfg.training.learning_rate = auto_learning_rate(base_params)
@@ -104,12 +109,13 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         report_to=[] if t.report_to == "none" else [t.report_to],
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
+        prediction_loss_only=True,  # evaluation reports the loss; gathering every logit would only cost memory
         logging_nan_inf_filter=False,  # the default hides a NaN loss behind the running average
         ddp_find_unused_parameters=False, dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=not is_main,
     )
     progress, guard, interrupt = callbacks.LoraProgress(), callbacks.StopOnNonFiniteLoss(), callbacks.SaveOnInterrupt()
-    trainer = Trainer(
+    trainer = LoraTrainer(
         model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
         data_collator=data.make_collator(tokenizer, cfg.data.packing), processing_class=tokenizer,
         callbacks=[guard, interrupt, callbacks.JsonlLog(run_dir / "train_log.jsonl"), *(extra_callbacks or [])],

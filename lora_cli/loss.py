@@ -1,0 +1,117 @@
+"""The training loss without the full logits: the output layer runs only where a label is trained, in chunks.
+
+A causal LM's usual loss multiplies every position's hidden state by the 49k-152k-row output matrix,
+upcasts the whole (tokens x vocab) block to fp32, log-softmaxes it, and keeps it for the backward
+pass. On a CPU that elementwise work over the vocabulary costs about as much as the matmul itself,
+and in memory the block dominates a LoRA step. Here the decoder's final hidden states are taken
+(a hook hands the output layer zero positions to work on), the positions whose next-token label is
+ignored (prompts, padding, packing seams) are dropped, and the rest go through the output layer a
+few hundred rows at a time: each chunk's loss and its gradient are computed at once and the chunk
+is thrown away. The result equals transformers' `ForCausalLMLoss`, including the reduction over
+`num_items_in_batch` that keeps gradient accumulation exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+IGNORE_INDEX = -100
+
+# Architectures whose logits are exactly lm_head(final hidden state): no softcapping, no scaling.
+PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+
+# Elements of one fp32 logits chunk (rows x vocab): 64 MB, small next to the model, large enough
+# that the chunk's matmul runs at full speed.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of cross_entropy(hidden @ weight.T, targets), never holding more than one chunk of logits."""
+    return _LinearCrossEntropy.apply(hidden, weight, targets)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and, chunk by chunk, its gradient for the hidden states; backward scales it.
+
+    The output weight is frozen (LoRA does not train it), so no weight gradient is formed.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], rows):
+            target = targets[start:start + rows]
+            logits = torch.matmul(hidden[start:start + rows].to(weight.dtype), weight.t())
+            log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            del logits
+            total -= log_probs.gather(1, target[:, None]).sum()
+            if grad is not None:
+                probs = log_probs.exp_()  # the softmax, in place
+                probs[torch.arange(len(target), device=probs.device), target] -= 1.0
+                grad[start:start + rows] = torch.matmul(probs.to(weight.dtype), weight)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None
+
+
+def supports_chunked_loss(model: Any) -> bool:
+    """True when the chunked loss gives exactly the model's own loss: a plain, frozen, bias-free output layer."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    return (getattr(base.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES
+            and type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+            and head.weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+class LoraTrainer(Trainer):
+    """The HF Trainer with the chunked, response-only loss for training steps (see the module docstring).
+
+    Evaluation keeps the Trainer's own loss path; so does any model `supports_chunked_loss` rejects.
+    """
+
+    def __init__(self, *args: Any, chunked_loss: bool = True, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # FSDP and ZeRO-3 shard the output weight outside the forward pass, where this loss needs it whole.
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        self.chunked_loss = chunked_loss and not sharded and supports_chunked_loss(self.model)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        if return_outputs or not self.chunked_loss or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        head = base.get_output_embeddings()
+        captured: list[Any] = []
+
+        def take_hidden_states(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            captured.append(args[0])
+            return (args[0][:, :0], *args[1:])  # the output layer then runs on zero positions
+
+        hook = head.register_forward_pre_hook(take_hidden_states)
+        try:
+            model(**inputs)
+        finally:
+            hook.remove()
+        hidden = captured[-1]
+        next_tokens = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        trained = next_tokens != IGNORE_INDEX
+        loss = chunked_cross_entropy_sum(hidden[trained], head.weight, next_tokens[trained])
+        if num_items_in_batch is None or not self.model_accepts_loss_kwargs:  # a mean; the Trainer scales it for GA
+            loss = loss / trained.sum().clamp(min=1)
+        else:
+            loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+            if self.args.average_tokens_across_devices:  # as Trainer.compute_loss does for a model's own loss
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss

@@ -1,0 +1,100 @@
+"""The speed paths of `lora train` must compute exactly what the plain transformers paths compute.
+
+- packed attention (each example attended alone) against SDPA with transformers' block-diagonal mask;
+- the chunked, response-only loss against the model's own loss, values and LoRA gradients.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from lora_cli import data, loss, packed_attention  # noqa: E402
+
+IGNORE = data.IGNORE_INDEX
+
+
+def _packed_batch(lengths, masked_prefix=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(5, 290, (n,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE] * min(masked_prefix, n) + ids[masked_prefix:]})
+    batch = data.make_collator(None, packing=True)(rows)
+    return {k: torch.as_tensor(v) if not isinstance(v, int) else v for k, v in batch.items()}
+
+
+def _lora_model(model_dir, attention="sdpa", targets=("q_proj", "v_proj")):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    model.set_attn_implementation(attention)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False))
+    return model
+
+
+def _lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_packed_attention_equals_sdpa_with_the_block_mask_in_values_and_gradients(tiny_model_dir, monkeypatch):
+    # one example over the eager limit takes the flash-kernel branch, the others the eager one
+    monkeypatch.setattr(packed_attention, "EAGER_MAX_TOKENS", 20)
+    batch = _packed_batch([17, 30, 1, 9])
+    results = {}
+    for attention in ("sdpa", packed_attention.register()):
+        model = _lora_model(tiny_model_dir, attention)
+        out = model(**batch)
+        out.loss.backward()
+        results[attention] = (out.logits.detach(), out.loss.item(), _lora_grads(model))
+    (ref_logits, ref_loss, ref_grads), (logits, loss_value, grads) = results.values()
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
+    assert loss_value == pytest.approx(ref_loss, rel=1e-6)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_packed_attention_without_example_boundaries_is_plain_sdpa(tiny_model_dir):
+    """Padded batches and generation carry no boundaries: they must get the usual masked attention."""
+    ids = torch.tensor([[11, 12, 13, 14, 15], [21, 22, 23, 2, 2]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        ref = _lora_model(tiny_model_dir, "sdpa")(input_ids=ids, attention_mask=mask).logits
+        ours = _lora_model(tiny_model_dir, packed_attention.register())(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(ours, ref)
+
+
+def _trainer(model, tmp_path, chunked):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], disable_tqdm=True)
+    return loss.LoraTrainer(model=model, args=args, chunked_loss=chunked)
+
+
+@pytest.mark.parametrize("num_items", [None, 57])
+def test_chunked_loss_equals_the_models_own_loss_and_lora_gradients(tiny_model_dir, tmp_path, monkeypatch,
+                                                                    num_items):
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 7 * 300)  # 7 rows a chunk: several chunks and a partial one
+    batch = _packed_batch([17, 30, 1, 9], masked_prefix=5)
+    results = []
+    for chunked in (False, True):
+        model = _lora_model(tiny_model_dir)
+        trainer = _trainer(model, tmp_path, chunked)
+        assert trainer.chunked_loss is chunked
+        value = trainer.compute_loss(model, dict(batch), num_items_in_batch=num_items)
+        value.backward()
+        results.append((value.item(), _lora_grads(model)))
+    (ref, ref_grads), (ours, grads) = results
+    assert ours == pytest.approx(ref, rel=1e-5)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_chunked_loss_steps_aside_when_the_output_layer_is_trained(tiny_model_dir, tmp_path):
+    model = _lora_model(tiny_model_dir, targets=("q_proj", "lm_head"))
+    assert not loss.supports_chunked_loss(model)
+    assert _trainer(model, tmp_path, True).chunked_loss is False
