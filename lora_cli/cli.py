@@ -46,6 +46,9 @@ def main(
     """lora: the shortest path from "I have data" to "I have a good adapter"."""
     state["debug"] = debug or os.environ.get("LORA_DEBUG") == "1"
     _setup_logging(state["debug"])
+    from lora_cli.cpu import bound_matmul_caches
+
+    bound_matmul_caches()
 
 
 def _setup_logging(debug: bool) -> None:

@@ -35,8 +35,9 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
 
     `extra_callbacks` are Trainer callbacks for callers embedding `lora` in their own code.
     """
-    from lora_cli import models, runs
+    from lora_cli import cpu, models, runs
 
+    cpu.bound_matmul_caches()
     _check_reporter(cfg.training.report_to)
     # 1. Where the run goes (every process must agree on the folder, so rank 0 picks it), and which
     # model: both are checked before torch and transformers are even imported.
