@@ -21,10 +21,16 @@ GPU_SIZES_GB = (8, 12, 16, 24, 40, 80)  # GPU sizes as sold; taken as GiB (an "8
 GIB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 QUANTIZATIONS = (None, "4bit", "8bit")
+# What lora_cli/loss.py uses (it imports torch, this module must not; tests hold the two equal):
+# the architectures whose loss runs the output layer a chunk at a time, and a chunk's cells.
+CHUNKED_LOSS_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+LOSS_CHUNK_ELEMENTS = 1 << 24
+# lora_cli/packed_attention.py's EAGER_MAX_TOKENS, held equal by the same test.
+EAGER_ATTENTION_TOKENS = 256
 # Overheads (see _overhead): CUDA context + caching-allocator slack; on CPU the resident size of a
 # process that has imported torch, transformers, peft and datasets (measured 0.47 GiB) + malloc slack.
 CUDA_CONTEXT_BYTES, CUDA_ALLOCATOR_SLACK = int(0.75 * GIB), 0.05
-CPU_BASELINE_BYTES, CPU_MALLOC_SLACK = int(0.5 * GIB), 0.4
+CPU_BASELINE_BYTES, CPU_MALLOC_SLACK = int(0.5 * GIB), 0.1
 # Which tensor a LLaMA projection reads: projections reading the same tensor share a saved input.
 INPUT_GROUP = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
                "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
@@ -149,7 +155,7 @@ def _weights_bytes(base_params: int, linears, quantization, p: int) -> int:
 
 
 def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dora, lora_dropout, packing,
-                      checkpointing, cpu) -> dict:
+                      checkpointing, cpu, chunked_loss) -> dict:
     """Peak activation memory of one training step of a LLaMA decoder with SDPA attention, as `lora train` runs it.
 
     Formula: the tensors autograd saves in transformers' LlamaDecoderLayer, counted one by one and
@@ -160,13 +166,18 @@ def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dor
     keeps no input, a LoRA linear does). Per token and layer, p = bytes of the compute dtype:
       RMSNorm x2: its fp32 copy of the input, 2*h*4 | attention: q, k, v (the mask makes SDPA repeat
       k/v to all heads), output 4*h*p; logsumexp a*4; the additive mask row, s*p (packing: one
-      row of b*s tokens, so b*s*p) | SwiGLU: gate, silu, up outputs 3*I*p
+      row of b*s tokens, so b*s*p); on a CPU with packing `lora train` attends within each example
+      instead (lora_cli/packed_attention.py): no mask, but examples of up to 256 tokens keep their
+      softmax in fp32 and the compute dtype, a*min(s, 256)*(4+p) at most | SwiGLU: gate, silu, up
+      outputs 3*I*p
       LoRA, per adapted module: its input (under bf16/fp16 autocast a fresh p-byte copy per module;
       in fp32 one shared fp32 tensor) + lora_A output r*4; dropout adds its fp32 output (fp32 runs)
       and its mask (bool on CUDA, an fp32 noise tensor on CPU); DoRA adds base and LoRA outputs.
       8-bit base linears keep their input (bitsandbytes MatMul8bitLt); 4-bit ones keep none.
     Logits: in fp32 the log-softmax output, its gradient and the logits' gradient: T*V*12, the
-    peak at the start of the backward pass. Plus one layer's worth for the backward pass itself.
+    peak at the start of the backward pass. With `lora train`'s chunked loss only one chunk of rows
+    exists at a time (logits p, log-probabilities 4, probabilities p bytes a cell) plus the saved
+    gradient of the hidden states, T*h*p. Plus one layer's worth for the backward pass itself.
     Gradient checkpointing keeps only each layer's input, T*h (fp32 when quantized: the upcast
     embeddings make the residual stream fp32), and recomputes one layer at a time.
     """
@@ -174,7 +185,8 @@ def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dor
     attn = heads * shape["head_dim"]
     tokens = batch * seq
     mask_row = tokens if packing else seq
-    base = 2 * h * 4 + 4 * 4 + 4 * attn * p + heads * 4 + mask_row * p + 3 * inter * p
+    attention = heads * min(seq, EAGER_ATTENTION_TOKENS) * (4 + p) if cpu and packing else mask_row * p
+    base = 2 * h * 4 + 4 * 4 + 4 * attn * p + heads * 4 + attention + 3 * inter * p
     mask_bytes = 4 if cpu else 1
     extra: dict[str, int] = {}
     kept: set[tuple[str, str]] = set()  # (layer, tensor) an fp32 run already keeps: shared inputs count once
@@ -207,8 +219,12 @@ def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dor
         kept_layers = layers * tokens * h * (4 if quantization else p) + one_layer
     else:
         kept_layers = tokens * (layers * base + sum(in_layers))
-    return {"layers": kept_layers + shared, "logits": tokens * shape["vocab_size"] * 12,
-            "backward": one_layer + dora_peak}
+    vocab = shape["vocab_size"]
+    if chunked_loss:
+        logits = min(tokens, max(1, LOSS_CHUNK_ELEMENTS // vocab)) * vocab * (2 * p + 4) + tokens * h * p
+    else:
+        logits = tokens * vocab * 12
+    return {"layers": kept_layers + shared, "logits": logits, "backward": one_layer + dora_peak}
 
 
 def _model_shape(config) -> dict:
@@ -228,9 +244,9 @@ def _model_shape(config) -> dict:
 def _overhead(kind: str, activations: int) -> int:
     """CUDA: context + caching-allocator slack. CPU: process baseline + what glibc malloc keeps resident.
 
-    On CPU, freed activation memory mostly stays in the process (glibc's heap fragments and keeps
-    it), so peak RSS runs ~40% of the activations above the live peak (measured on SmolLM2 over a
-    few Trainer steps; it grows slowly with more steps).
+    On CPU, some freed activation memory stays in the process (glibc's heap fragments and keeps
+    it): peak RSS runs about 10% of the activations above the live peak (measured on SmolLM2; with
+    oneDNN's shape caches bounded, see lora_cli/cpu.py, it no longer grows with the steps).
     """
     if kind == "cpu":
         return CPU_BASELINE_BYTES + int(CPU_MALLOC_SLACK * activations)
@@ -241,11 +257,13 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
              quantization: str | None = None, use_dora: bool = False, batch_size: int = 4,
              max_seq_len: int = 512, gradient_checkpointing: bool = False, compute_dtype: str = "bf16",
              device: str = "cuda", lora_dropout: float = 0.05, packing: bool = True,
-             model: str | None = None) -> dict:
+             chunked_loss: bool | None = None, model: str | None = None) -> dict:
     """Parameter counts and peak training memory of `lora train` for LoRA/QLoRA on a transformers config.
 
     `lora_dropout` and `packing` default to `lora train`'s defaults; bf16/fp16 compute is taken to
-    run under autocast (as `lora train` does), fp32 without. `model` names the model in the report.
+    run under autocast (as `lora train` does), fp32 without. `chunked_loss`: whether the loss runs
+    the output layer in chunks (None: as `lora train` decides for this architecture, unsharded).
+    `model` names the model in the report.
     """
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"Quantization must be 4bit, 8bit or none, not '{quantization}'.")
@@ -257,13 +275,15 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
     targets = expand_target_modules(target_modules)
     shape = _model_shape(model_config)
     p = DTYPE_BYTES[compute_dtype]
+    if chunked_loss is None:
+        chunked_loss = getattr(model_config, "model_type", None) in CHUNKED_LOSS_MODEL_TYPES
     base_params, linears, adapted, trainable, total = _build_peft_model(
         model_config, r, lora_alpha, targets, use_dora, lora_dropout, compute_dtype)
 
     def activations(batch: int, checkpointing: bool = gradient_checkpointing, cpu: bool = kind == "cpu") -> int:
         return sum(_activation_parts(shape, adapted, batch=batch, seq=max_seq_len, p=p, r=r, quantization=quantization,
                                      use_dora=use_dora, lora_dropout=lora_dropout, packing=packing,
-                                     checkpointing=checkpointing, cpu=cpu).values())
+                                     checkpointing=checkpointing, cpu=cpu, chunked_loss=chunked_loss).values())
 
     act_ckpt, act_full = activations(batch_size, True), activations(batch_size, False)
     memory = {
@@ -341,9 +361,11 @@ def format_estimate(report: dict) -> str:
 
 def estimate_run(cfg: Any, model_config: Any, *, compute_dtype: str, device: str, model: str | None = None) -> dict:
     """The estimate for a `lora train` configuration: the one place its options become estimate() arguments."""
+    from lora_cli.models import sharded_engine
+
     return estimate(model_config, r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, target_modules=cfg.lora.target_modules,
                     quantization=cfg.model.quantization, use_dora=cfg.lora.use_dora,
                     batch_size=cfg.training.per_device_train_batch_size, max_seq_len=cfg.data.max_seq_len,
                     gradient_checkpointing=cfg.training.gradient_checkpointing, compute_dtype=compute_dtype,
                     device=device, lora_dropout=cfg.lora.lora_dropout, packing=cfg.data.packing,
-                    model=model or cfg.model.name)
+                    chunked_loss=False if sharded_engine() else None, model=model or cfg.model.name)

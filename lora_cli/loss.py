@@ -23,8 +23,8 @@ IGNORE_INDEX = -100
 # Architectures whose logits are exactly lm_head(final hidden state): no softcapping, no scaling.
 PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 
-# Elements of one fp32 logits chunk (rows x vocab): 64 MB, small next to the model, large enough
-# that the chunk's matmul runs at full speed.
+# Cells of one fp32 logits chunk (rows x vocab): 64 MB, small next to the model, large enough
+# that the chunk's matmul runs at full speed. (lora_cli/estimate.py counts on both values.)
 CHUNK_ELEMENTS = 1 << 24
 
 
@@ -36,31 +36,59 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, target
 class _LinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and, chunk by chunk, its gradient for the hidden states; backward scales it.
 
-    The output weight is frozen (LoRA does not train it), so no weight gradient is formed.
+    The output weight is frozen (LoRA does not train it), so no weight gradient is formed. The
+    matmuls run in the autocast dtype when autocast is on (as the model's own output layer would),
+    the softmax in fp32.
     """
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        for start in range(0, hidden.shape[0], rows):
-            target = targets[start:start + rows]
-            logits = torch.matmul(hidden[start:start + rows].to(weight.dtype), weight.t())
-            log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-            del logits
-            total -= log_probs.gather(1, target[:, None]).sum()
-            if grad is not None:
-                probs = log_probs.exp_()  # the softmax, in place
-                probs[torch.arange(len(target), device=probs.device), target] -= 1.0
-                grad[start:start + rows] = torch.matmul(probs.to(weight.dtype), weight)
+        device = hidden.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
+        with torch.autocast(device.type, enabled=False):
+            weight = weight.to(dtype)
+            vocab = weight.shape[0]
+            rows = max(1, CHUNK_ELEMENTS // vocab)
+            total = torch.zeros((), dtype=torch.float32, device=device)
+            grad = torch.empty(hidden.shape, dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
+            for start in range(0, hidden.shape[0], rows):
+                target = targets[start:start + rows]
+                n = len(target)
+                logits = _scratch("logits", (n, vocab), dtype, device)
+                torch.matmul(hidden[start:start + rows].to(dtype), weight.t(), out=logits)
+                work = _scratch("fp32", (n, vocab), torch.float32, device)
+                work.copy_(logits)
+                lse = torch.logsumexp(work, dim=-1)
+                total += (lse - work.gather(1, target[:, None]).squeeze(1)).sum()
+                if grad is not None:
+                    work.sub_(lse[:, None]).exp_()  # the softmax
+                    work[torch.arange(n, device=device), target] -= 1.0
+                    logits.copy_(work)
+                    torch.matmul(logits, weight, out=grad[start:start + rows])
         ctx.save_for_backward(grad)
+        ctx.hidden_dtype = hidden.dtype
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None
+        return (grad * grad_total.to(grad.dtype)).to(ctx.hidden_dtype), None, None
+
+
+_SCRATCH: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def _scratch(role: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A chunk buffer. On the CPU one buffer per role lives for the whole run: glibc hands blocks this
+    big back to the kernel when freed, and faulting ~100 MB of fresh pages in again every step cost
+    about 8% of a step. CUDA's caching allocator already reuses memory."""
+    numel = shape[0] * shape[1]
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    buffer = _SCRATCH.get((role, dtype))
+    if buffer is None or buffer.numel() < numel:
+        buffer = _SCRATCH[(role, dtype)] = torch.empty(max(numel, CHUNK_ELEMENTS), dtype=dtype)
+    return buffer[:numel].view(shape)
 
 
 def supports_chunked_loss(model: Any) -> bool:

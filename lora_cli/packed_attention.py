@@ -15,10 +15,11 @@ from typing import Any
 
 NAME = "lora_packed_sdpa"
 
-# Below this many tokens an example's attention is done with two matmuls and a softmax, which beat
-# the CPU flash kernel at these sizes (its backward is slow); above it the flash kernel's O(n)
-# memory matters more (the eager scores grow with n^2).
-EAGER_MAX_TOKENS = 512
+# Up to this many tokens an example's attention is done with two matmuls and a softmax, which beat
+# the CPU flash kernel at these sizes (its backward is slow: 7% of a step on the default model);
+# above it the flash kernel's O(n) memory matters more (eager keeps n^2 scores a head).
+# (lora_cli/estimate.py counts on this value.)
+EAGER_MAX_TOKENS = 256
 
 
 def register() -> str:
