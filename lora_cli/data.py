@@ -341,35 +341,118 @@ def tokenize_rows(rows: list[dict[str, Any]], fmt: str, renderer: Renderer, max_
 
 
 def prepare(data_cfg: Any, tokenizer: Any, seed: int) -> PreparedData:
-    """Read, render and tokenize training (and evaluation) data as the config says."""
+    """Read, render and tokenize training (and evaluation) data as the config says.
+
+    The tokenized rows are cached by fingerprint (the data's bytes, the tokenizer, the template and
+    every option that changes a token or a label), so a second run on the same data starts at once.
+    """
     import datasets
 
     rows, identity = read_rows(data_cfg.path)
     fmt = detect_format(rows, data_cfg.format)
     renderer = Renderer(tokenizer, data_cfg.template)
     source = data_cfg.path or "embedded dataset"
-    train, dropped = tokenize_rows(rows, fmt, renderer, data_cfg.max_seq_len, data_cfg.train_on_inputs, source)
-    if not train:
-        raise DataError(f"no training row keeps a response token within --max-seq-len {data_cfg.max_seq_len}; "
-                        "raise --max-seq-len or shorten the prompts")
+    use_heldout = not (data_cfg.path or data_cfg.eval_split)  # the embedded dataset brings its held-out split
+    eval_spec = data_cfg.eval_data or (str(default_data_path("heldout")) if use_heldout else None)
+    eval_rows = None
+    if eval_spec:
+        eval_rows, identity["eval"] = read_rows(eval_spec)
+    key = _fingerprint(identity, fmt, renderer, data_cfg)
+    cached = _read_cache(key)
+    if cached is not None:
+        train_ds, eval_ds, dropped = cached
+        log.debug("tokenized data from the cache (%s)", key[:12])
+    else:
+        train, dropped = tokenize_rows(rows, fmt, renderer, data_cfg.max_seq_len, data_cfg.train_on_inputs, source)
+        if not train:
+            raise DataError(f"no training row keeps a response token within --max-seq-len {data_cfg.max_seq_len}; "
+                            "raise --max-seq-len or shorten the prompts")
+        eval_examples = None
+        if eval_rows is not None:
+            eval_examples, _ = tokenize_rows(eval_rows, detect_format(eval_rows, data_cfg.format), renderer,
+                                             data_cfg.max_seq_len, False, eval_spec)
+        train_ds = datasets.Dataset.from_list(train)
+        eval_ds = datasets.Dataset.from_list(eval_examples) if eval_examples else None
+        _write_cache(key, train_ds, eval_ds, dropped)
     if dropped:
         log.warning("%d of %d rows dropped: their response does not fit in --max-seq-len %d",
                     dropped, len(rows), data_cfg.max_seq_len)
-    eval_examples = None
-    use_heldout = not (data_cfg.path or data_cfg.eval_split)  # the embedded dataset brings its held-out split
-    eval_spec = data_cfg.eval_data or (str(default_data_path("heldout")) if use_heldout else None)
-    if eval_spec:
-        eval_rows, eval_identity = read_rows(eval_spec)
-        eval_examples, _ = tokenize_rows(eval_rows, detect_format(eval_rows, data_cfg.format), renderer,
-                                         data_cfg.max_seq_len, False, eval_spec)
-        identity["eval"] = eval_identity
-    train_ds = datasets.Dataset.from_list(train)
     if data_cfg.eval_split and not eval_spec:
         split = train_ds.train_test_split(test_size=data_cfg.eval_split, seed=seed)
         train_ds, eval_ds = split["train"], split["test"]
-    else:
-        eval_ds = datasets.Dataset.from_list(eval_examples) if eval_examples else None
     return PreparedData(train_ds, eval_ds, fmt, renderer.template, identity, dropped)
+
+
+# ---------------------------------------------------------------- the tokenized-data cache
+
+CACHE_VERSION = 1  # bump when tokenize() or the renderers change what they produce
+
+
+def _fingerprint(identity: dict[str, Any], fmt: str, renderer: Renderer, data_cfg: Any) -> str | None:
+    """None when the data has no content hash (hub datasets): those are not cached."""
+    if "sha256" not in identity or ("eval" in identity and "sha256" not in identity["eval"]):
+        return None
+    tokenizer = renderer.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    parts = {"version": CACHE_VERSION, "data": identity["sha256"], "eval": identity.get("eval", {}).get("sha256"),
+             "format": fmt, "format_option": data_cfg.format, "template": renderer.template,
+             "chat_template": getattr(tokenizer, "chat_template", None), "special": str(tokenizer.special_tokens_map),
+             "vocabulary": hashlib.sha256(vocabulary.encode()).hexdigest(), "max_seq_len": data_cfg.max_seq_len,
+             "train_on_inputs": data_cfg.train_on_inputs}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cache_folder(key: str) -> Path:
+    from lora_cli.models import cache_dir
+
+    return cache_dir() / "tokenized" / key
+
+
+def _read_cache(key: str | None) -> tuple[Any, Any, int] | None:
+    if key is None or not (_cache_folder(key) / "done.json").exists():
+        return None
+    import datasets
+
+    folder = _cache_folder(key)
+    try:
+        meta = json.loads((folder / "done.json").read_text())
+        # in memory, as a freshly tokenized dataset is: nothing (a split's index files) gets written beside it
+        train = datasets.load_from_disk(str(folder / "train"), keep_in_memory=True)
+        evaluation = datasets.load_from_disk(str(folder / "eval"), keep_in_memory=True) if meta["eval"] else None
+    except Exception as exc:  # a damaged cache entry is only a missed shortcut: drop it, tokenize again
+        log.debug("dropping the damaged tokenized-data cache entry %s: %s", folder, exc)
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return train, evaluation, int(meta["dropped"])
+
+
+def _write_cache(key: str | None, train: Any, evaluation: Any, dropped: int) -> None:
+    """Written into a temporary folder and renamed, so readers see a whole entry or none."""
+    import os
+    import shutil
+    import tempfile
+
+    if key is None:
+        return
+    folder = _cache_folder(key)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    except OSError as exc:  # a read-only cache must not stop training
+        log.debug("tokenized data not cached: %s", exc)
+        return
+    try:
+        train.save_to_disk(str(tmp / "train"))
+        if evaluation is not None:
+            evaluation.save_to_disk(str(tmp / "eval"))
+        (tmp / "done.json").write_text(json.dumps({"eval": evaluation is not None, "dropped": dropped}))
+        os.replace(tmp, folder)  # fails when another run cached the same data first: theirs is as good
+    except OSError as exc:
+        log.debug("tokenized data not cached: %s", exc)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_collator(tokenizer: Any, packing: bool) -> Any:

@@ -174,3 +174,50 @@ def test_padding_collator_pads_labels_with_ignore_index_not_by_pad_id(tokenizer)
     assert batch["labels"][0][:3].tolist() == [-100, 6, eos]
     assert batch["labels"][1][1:].tolist() == [-100] * (batch["labels"].shape[1] - 1)
     assert batch["attention_mask"][1][1:].sum() == 0
+
+
+# ---------------------------------------------------------------- the tokenized-data cache
+
+
+def _prepare(path, tokenizer, **options):
+    from lora_cli.config import DataConfig
+
+    return data.prepare(DataConfig(path=str(path), **options), tokenizer, seed=0)
+
+
+def test_a_second_run_on_the_same_data_reads_the_tokens_from_the_cache(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path / "cache"))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"instruction": f"Question {i}?", "output": f"Answer {i}."}) + "\n"
+                            for i in range(12)))
+    first = _prepare(rows, tokenizer, eval_split=0.25)
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again instead of reading the cache")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(data, "tokenize_rows", no_tokenizing)
+        second = _prepare(rows, tokenizer, eval_split=0.25)
+    assert second.train.to_list() == first.train.to_list()
+    assert second.eval.to_list() == first.eval.to_list()
+
+    # anything that changes a token or a label misses the cache
+    calls = []
+    fake = [{"input_ids": [5, 6], "labels": [5, 6]}] * 8
+    monkeypatch.setattr(data, "tokenize_rows", lambda *a, **k: calls.append(1) or (fake, 0))
+    _prepare(rows, tokenizer, max_seq_len=64, eval_split=0.25)
+    _prepare(rows, tokenizer, train_on_inputs=True, eval_split=0.25)
+    rows.write_text(rows.read_text().replace("Answer 3.", "Answer three."))
+    _prepare(rows, tokenizer, eval_split=0.25)
+    assert len(calls) == 3
+
+
+def test_a_damaged_cache_entry_is_tokenized_again(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path / "cache"))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"instruction": "Question?", "output": "Answer."}) + "\n")
+    first = _prepare(rows, tokenizer)
+    (entry,) = (tmp_path / "cache" / "tokenized").iterdir()
+    for arrow in (entry / "train").glob("*.arrow"):
+        arrow.write_bytes(b"not arrow")
+    assert _prepare(rows, tokenizer).train.to_list() == first.train.to_list()
