@@ -206,6 +206,8 @@ def test_unknown_target_module_raises_config_error():
     (dict(compute_dtype="bf16", target_modules="qv", packing=True, lora_dropout=0.0), 1.88 * GIB),
     (dict(compute_dtype="bf16", target_modules="all-linear", packing=True, lora_dropout=0.0), 2.19 * GIB),
     (dict(compute_dtype="fp32", target_modules="all-linear", packing=True, lora_dropout=0.0), 2.94 * GIB),
+    (dict(compute_dtype="bf16", target_modules="all-linear", packing=True, lora_dropout=0.0,
+          gradient_checkpointing=True), 1.34 * GIB),
 ])
 def test_smollm2_cpu_estimate_is_within_25_percent_of_measured_peak_rss(kwargs, measured):
     rep = report("smollm2-135m", batch_size=4, max_seq_len=256, device="cpu", **kwargs)
