@@ -7,10 +7,14 @@ template, without the boundary drift of tokenizing prompt and response separatel
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import logging
+import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -403,6 +407,20 @@ def _fingerprint(identity: dict[str, Any], fmt: str, renderer: Renderer, data_cf
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Reading and writing the cache is lora's own business: no `datasets` progress bars for it."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    were_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not were_disabled:
+            enable_progress_bars()
+
+
 def _cache_folder(key: str) -> Path:
     from lora_cli.models import cache_dir
 
@@ -418,12 +436,11 @@ def _read_cache(key: str | None) -> tuple[Any, Any, int] | None:
     try:
         meta = json.loads((folder / "done.json").read_text())
         # in memory, as a freshly tokenized dataset is: nothing (a split's index files) gets written beside it
-        train = datasets.load_from_disk(str(folder / "train"), keep_in_memory=True)
-        evaluation = datasets.load_from_disk(str(folder / "eval"), keep_in_memory=True) if meta["eval"] else None
+        with _no_progress_bars():
+            train = datasets.load_from_disk(str(folder / "train"), keep_in_memory=True)
+            evaluation = datasets.load_from_disk(str(folder / "eval"), keep_in_memory=True) if meta["eval"] else None
     except Exception as exc:  # a damaged cache entry is only a missed shortcut: drop it, tokenize again
         log.debug("dropping the damaged tokenized-data cache entry %s: %s", folder, exc)
-        import shutil
-
         shutil.rmtree(folder, ignore_errors=True)
         return None
     return train, evaluation, int(meta["dropped"])
@@ -431,8 +448,6 @@ def _read_cache(key: str | None) -> tuple[Any, Any, int] | None:
 
 def _write_cache(key: str | None, train: Any, evaluation: Any, dropped: int) -> None:
     """Written into a temporary folder and renamed, so readers see a whole entry or none."""
-    import os
-    import shutil
     import tempfile
 
     if key is None:
@@ -445,9 +460,10 @@ def _write_cache(key: str | None, train: Any, evaluation: Any, dropped: int) -> 
         log.debug("tokenized data not cached: %s", exc)
         return
     try:
-        train.save_to_disk(str(tmp / "train"))
-        if evaluation is not None:
-            evaluation.save_to_disk(str(tmp / "eval"))
+        with _no_progress_bars():
+            train.save_to_disk(str(tmp / "train"))
+            if evaluation is not None:
+                evaluation.save_to_disk(str(tmp / "eval"))
         (tmp / "done.json").write_text(json.dumps({"eval": evaluation is not None, "dropped": dropped}))
         os.replace(tmp, folder)  # fails when another run cached the same data first: theirs is as good
     except OSError as exc:
