@@ -428,11 +428,13 @@ def _cache_folder(key: str) -> Path:
 
 
 def _read_cache(key: str | None) -> tuple[Any, Any, int] | None:
-    if key is None or not (_cache_folder(key) / "done.json").exists():
+    if key is None:
+        return None
+    folder = _cache_folder(key)
+    if not (folder / "done.json").exists():
         return None
     import datasets
 
-    folder = _cache_folder(key)
     try:
         meta = json.loads((folder / "done.json").read_text())
         # in memory, as a freshly tokenized dataset is: nothing (a split's index files) gets written beside it

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.errors import ConfigError, ModelError
+from lora_cli.packed_attention import EAGER_MAX_TOKENS  # torch-free at import, like this module
 from lora_cli.targets import expand_target_modules
 
 CONFIG_DIR = Path(__file__).parent / "assets" / "model_configs"
@@ -25,8 +26,6 @@ QUANTIZATIONS = (None, "4bit", "8bit")
 # the architectures whose loss runs the output layer a chunk at a time, and a chunk's cells.
 CHUNKED_LOSS_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 LOSS_CHUNK_ELEMENTS = 1 << 24
-# lora_cli/packed_attention.py's EAGER_MAX_TOKENS, held equal by the same test.
-EAGER_ATTENTION_TOKENS = 256
 # Overheads (see _overhead): CUDA context + caching-allocator slack; on CPU the resident size of a
 # process that has imported torch, transformers, peft and datasets (measured 0.47 GiB), oneDNN's
 # bounded kernel cache and the loss's kept chunk buffers (about 0.1 GiB together) + malloc slack.
@@ -186,7 +185,7 @@ def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dor
     attn = heads * shape["head_dim"]
     tokens = batch * seq
     mask_row = tokens if packing else seq
-    attention = heads * min(seq, EAGER_ATTENTION_TOKENS) * (4 + p) if cpu and packing else mask_row * p
+    attention = heads * min(seq, EAGER_MAX_TOKENS) * (4 + p) if cpu and packing else mask_row * p
     base = 2 * h * 4 + 4 * 4 + 4 * attn * p + heads * 4 + attention + 3 * inter * p
     mask_bytes = 4 if cpu else 1
     extra: dict[str, int] = {}

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-IGNORE_INDEX = -100
+from lora_cli.data import IGNORE_INDEX
 
 # Architectures whose logits are exactly lm_head(final hidden state): no softcapping, no scaling.
 PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}

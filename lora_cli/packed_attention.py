@@ -18,7 +18,7 @@ NAME = "lora_packed_sdpa"
 # Up to this many tokens an example's attention is done with two matmuls and a softmax, which beat
 # the CPU flash kernel at these sizes (its backward is slow: 7% of a step on the default model);
 # above it the flash kernel's O(n) memory matters more (eager keeps n^2 scores a head).
-# (lora_cli/estimate.py counts on this value.)
+# (lora_cli/estimate.py reads this value.)
 EAGER_MAX_TOKENS = 256
 
 

@@ -100,9 +100,8 @@ def test_chunked_loss_steps_aside_when_the_output_layer_is_trained(tiny_model_di
     assert _trainer(model, tmp_path, True).chunked_loss is False
 
 
-def test_the_memory_estimate_knows_what_the_loss_and_the_attention_do():
+def test_the_memory_estimate_knows_what_the_loss_does():
     from lora_cli import estimate
 
     assert estimate.CHUNKED_LOSS_MODEL_TYPES == loss.PLAIN_HEAD_MODEL_TYPES
     assert estimate.LOSS_CHUNK_ELEMENTS == loss.CHUNK_ELEMENTS
-    assert estimate.EAGER_ATTENTION_TOKENS == packed_attention.EAGER_MAX_TOKENS
