@@ -11,6 +11,7 @@ transformers' own SDPA attention with its usual mask.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 NAME = "lora_packed_sdpa"
@@ -45,30 +46,43 @@ def packed_attention_forward(module: Any, query: Any, key: Any, value: Any, atte
                                       **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     groups = query.shape[1] // key.shape[1]
-    bounds = bounds.tolist()
+    lengths = bounds.diff().tolist()
+    # split, not slicing: the backward of a split is one concatenation, where each slice's backward
+    # would write a whole-row zero tensor and add it into the gradient.
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
-        if end - start <= EAGER_MAX_TOKENS:
-            outputs.append(_eager_causal(q, k, v, groups, scale, dropout))
+    for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)):
+        if q.shape[2] <= EAGER_MAX_TOKENS:
+            out = _eager_causal(q, k, v, groups, scale, dropout)
         else:
-            outputs.append(torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout, scale=scale, is_causal=True, enable_gqa=groups > 1))
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, scale=scale, is_causal=True, enable_gqa=groups > 1)
+        outputs.append(out.transpose(1, 2))
+    # concatenating (batch, seq, heads, dim) views gives the contiguous output layout in one copy
+    return torch.cat(outputs, dim=1), None
 
 
 def _eager_causal(q: Any, k: Any, v: Any, groups: int, scale: float, dropout: float) -> Any:
+    """Causal attention on one example: (1, heads, seq, dim) in and out, in as few kernels as it takes."""
     import torch
 
     batch, kv_heads, length, dim = k.shape
     # Grouped-query attention without copying the keys: fold each group's query heads into rows.
-    q = q.reshape(batch, kv_heads, groups * length, dim)
-    scores = torch.matmul(q, k.transpose(2, 3)) * scale
-    scores = scores.view(batch, kv_heads, groups, length, length)
-    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
-    scores = scores.masked_fill(future, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    # The scale goes on q (seq x dim) rather than the scores (seq x seq); the causal mask is added by
+    # the matmul itself (baddbmm), which saves a masked_fill and a multiply, forward and backward.
+    q = (q * scale).reshape(batch * kv_heads, groups * length, dim)
+    k = k.reshape(batch * kv_heads, length, dim)
+    scores = torch.baddbmm(_causal_bias(length, groups, q.dtype, q.device), q, k.transpose(1, 2))
+    probs = torch.softmax(scores, dim=-1)  # the CPU and CUDA kernels accumulate bf16/fp16 in fp32
     if dropout:
         probs = torch.nn.functional.dropout(probs, p=dropout)
-    out = torch.matmul(probs.view(batch, kv_heads, groups * length, length), v)
+    out = torch.bmm(probs, v.reshape(batch * kv_heads, length, dim))
     return out.view(batch, kv_heads * groups, length, dim)
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_bias(length: int, groups: int, dtype: Any, device: Any) -> Any:
+    """0 on and below the diagonal, -inf above, repeated for the query heads that share a key head."""
+    import torch
+
+    bias = torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu_(1)
+    return bias.repeat(groups, 1)
