@@ -107,7 +107,8 @@ def worker_lora(train: Path, out: Path) -> None:
                               "lora.target_modules": ",".join(HYPER["targets"]),
                               "training.per_device_train_batch_size": HYPER["batch"],
                               "data.max_seq_len": HYPER["max_len"], "training.num_train_epochs": HYPER["epochs"],
-                              "output_dir": str(out / "adapter"), "training.save_steps": 10_000})
+                              "output_dir": str(out / "adapter"), "training.save_steps": 10_000,
+                              "overwrite": True})  # a second benchmark run replaces the first
     training.run(cfg, extra_callbacks=[Timing(out / "timing.json")])
 
 
