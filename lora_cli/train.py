@@ -109,7 +109,10 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         report_to=[] if t.report_to == "none" else [t.report_to],
-        include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
+        # A packed row has no padding, and counting "non-padding" there would drop every real token equal
+        # to the pad id (often the EOS, which ends every example): count them all. Padded batches carry
+        # an attention mask, which the Trainer counts instead.
+        include_num_input_tokens_seen="all" if cfg.data.packing else "non_padding", remove_unused_columns=False,
         prediction_loss_only=True,  # evaluation reports the loss; gathering every logit would only cost memory
         logging_nan_inf_filter=False,  # the default hides a NaN loss behind the running average
         ddp_find_unused_parameters=False, dataloader_pin_memory=torch.cuda.is_available(),

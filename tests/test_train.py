@@ -180,3 +180,21 @@ def test_4bit_lora_gets_gradients_after_a_no_grad_forward(tiny_model_dir):
     model(input_ids=ids, labels=ids).loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_tokens_seen_counts_every_real_token_including_the_eos(tiny_model_dir, facts_file, workdir, packing):
+    # The tiny tokenizer's pad is its EOS, which ends every chat example: a count that drops pad ids
+    # would miss one or more real tokens per example, packed or padded.
+    from transformers import AutoTokenizer
+
+    from lora_cli import data
+
+    cfg = tiny_config(tiny_model_dir, facts_file, workdir / "run", **{
+        "training.max_steps": -1, "training.num_train_epochs": 1, "data.packing": packing})
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = data.prepare(cfg.data, tokenizer, cfg.training.seed).train
+    expected = sum(len(ids) for ids in rows["input_ids"])
+    assert sum(ids.count(tokenizer.pad_token_id) for ids in rows["input_ids"]) >= len(rows)
+    result = train.run(cfg)
+    assert result.manifest["metrics"]["tokens_seen"] == expected
