@@ -1,15 +1,17 @@
 """Training speed: the usual tutorial recipe against `lora train`, one after the other, same data and model.
 
-    python scripts/bench_train.py            # about 15 minutes on a 2-core CPU; prints a markdown table
+    python scripts/bench_train.py                          # 7-15 minutes on a 2-core CPU; prints a markdown table
+    python scripts/bench_train.py --random-model llama-1b  # a 1.1B LLaMA with random weights (for a GPU)
 
 (a) tutorial: fp32, every example padded to max length, plain HF Trainer + PEFT, r=8 on q/v, lr 2e-4.
 (b) lora train with its defaults for everything the tutorial does not fix (bf16 where the CPU has it,
     packing, the automatic learning rate), and the same r=8 on q/v, batch 4, max length 256, one epoch.
 
-Each runs in its own process. Reported: real (non-pad) tokens/s in steady state (after the first 10%
-of steps), whole-process wall time, peak RSS, response-token loss on held-out rows (the same evaluator
-for both), and model FLOP/s (4 x parameters per token: forward plus backward through frozen weights)
-as a share of the bf16 matmul rate measured on the spot.
+Each runs in its own process, on the CUDA GPU when there is one (both recipes), else on the CPU.
+Reported: real (non-pad) tokens/s in steady state (after the first 10% of steps), whole-process wall
+time, peak memory (RSS on a CPU, `torch.cuda.max_memory_allocated` on a GPU), response-token loss on
+held-out rows (the same evaluator for both), and model FLOP/s (4 x parameters per token: forward plus
+backward through frozen weights) as a share of the bf16 matmul rate measured on the spot.
 """
 
 from __future__ import annotations
@@ -65,7 +67,10 @@ class Timing:
         self.rows.append((time.perf_counter(), int(state.num_input_tokens_seen)))
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.path.write_text(json.dumps(self.rows))
+        import torch
+
+        gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        self.path.write_text(json.dumps({"steps": self.rows, "gpu_peak_bytes": gpu_peak}))
 
 
 def worker_tutorial(base: str, train: Path, out: Path) -> None:
@@ -91,7 +96,7 @@ def worker_tutorial(base: str, train: Path, out: Path) -> None:
     ds = Dataset.from_list(rows).map(encode, remove_columns=["instruction", "output"])
     args = TrainingArguments(output_dir=str(out / "ckpt"), per_device_train_batch_size=HYPER["batch"],
                              num_train_epochs=HYPER["epochs"], learning_rate=2e-4, logging_steps=10,
-                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                             save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
                              include_num_input_tokens_seen="non_padding")
     timing = Timing(out / "timing.json")
     Trainer(model=model, args=args, train_dataset=ds, data_collator=default_data_collator,
@@ -99,11 +104,11 @@ def worker_tutorial(base: str, train: Path, out: Path) -> None:
     model.save_pretrained(out / "adapter")
 
 
-def worker_lora(train: Path, out: Path) -> None:
+def worker_lora(base: str, train: Path, out: Path) -> None:
     from lora_cli import train as training
     from lora_cli.config import build_config
 
-    cfg = build_config(None, {"data.path": str(train), "lora.r": HYPER["r"], "lora.lora_alpha": HYPER["alpha"],
+    cfg = build_config(None, {"model.name": base, "data.path": str(train), "lora.r": HYPER["r"], "lora.lora_alpha": HYPER["alpha"],
                               "lora.target_modules": ",".join(HYPER["targets"]),
                               "training.per_device_train_batch_size": HYPER["batch"],
                               "data.max_seq_len": HYPER["max_len"], "training.num_train_epochs": HYPER["epochs"],
@@ -133,22 +138,65 @@ def run_worker(*args: str) -> tuple[float, int]:
     return time.perf_counter() - started, usage.ru_maxrss * 1024
 
 
-def bf16_matmul_rate(seconds: float = 3.0) -> float:
+def bf16_matmul_rate(seconds: float = 3.0) -> tuple[float, str]:
+    """The rate of one large bf16 matmul on the device the benchmark trains on, and its size."""
     import torch
 
-    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
-    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = 8192 if device == "cuda" else 2048  # large enough to reach the device's own rate
+    a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
     for _ in range(3):
         a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
     count, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         a @ b
         count += 1
-    return 2 * 2048 ** 3 * count / (time.perf_counter() - started)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return 2 * size ** 3 * count / (time.perf_counter() - started), f"{size}x{size}"
 
 
-def steady_rate(timing: Path) -> float:
-    rows = json.loads(timing.read_text())
+# Random-weight LLaMAs for measuring throughput at a size the default model does not reach (on a GPU).
+# They use the default model's tokenizer, so the data and the evaluator stay the same.
+RANDOM_MODELS = {
+    "llama-1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                 "num_attention_heads": 32, "num_key_value_heads": 4},  # TinyLlama-1.1B's shape
+    "llama-tiny": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2},  # for trying the script itself
+}
+
+
+def build_random_model(preset: str, tokenizer_from: str, folder: Path) -> str:
+    """Save a LLaMA of the preset's shape with random (seed 0) weights and the given tokenizer; returns the folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").is_file():
+        return str(folder)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **RANDOM_MODELS[preset])
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def count_parameters(model_dir: str) -> int:
+    """Parameters of the model in model_dir, counted without loading its weights (tied ones once)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def steady_rate(rows: list) -> float:
     first = max(1, len(rows) // 10)
     (t0, n0), (t1, n1) = rows[first], rows[-1]
     return (n1 - n0) / (t1 - t0)
@@ -157,6 +205,8 @@ def steady_rate(timing: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench-train", help="working folder")
+    parser.add_argument("--random-model", choices=sorted(RANDOM_MODELS),
+                        help="train a LLaMA of this shape with random weights instead of the default model")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ns = parser.parse_args()
     if ns.worker:
@@ -164,7 +214,7 @@ def main() -> None:
         if kind == "tutorial":
             worker_tutorial(rest[0], Path(rest[1]), Path(rest[2]))
         elif kind == "lora":
-            worker_lora(Path(rest[0]), Path(rest[1]))
+            worker_lora(rest[0], Path(rest[1]), Path(rest[2]))
         else:
             worker_heldout_loss(rest[0], Path(rest[1]), Path(rest[2]), Path(rest[3]))
         return
@@ -173,34 +223,40 @@ def main() -> None:
 
     from lora_cli.default_model import ensure_default_model
 
-    base = str(ensure_default_model())
     out = Path(ns.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    base = str(ensure_default_model())
+    if ns.random_model:
+        base = build_random_model(ns.random_model, base, out / f"random-{ns.random_model}")
     train, test = make_data(out)
-    matmul = bf16_matmul_rate()
-    n_params = 134_515_008
+    matmul, matmul_size = bf16_matmul_rate()
+    n_params = count_parameters(base)
+    on_gpu = torch.cuda.is_available()
     results = {}
     for name in ("tutorial", "lora"):
         folder = out / name
         folder.mkdir(exist_ok=True)
-        args = ("tutorial", base, str(train), str(folder)) if name == "tutorial" else ("lora", str(train), str(folder))
-        wall, rss = run_worker(*args)
-        rate = steady_rate(folder / "timing.json")
+        wall, rss = run_worker(name, base, str(train), str(folder))
+        timing = json.loads((folder / "timing.json").read_text())
+        rate = steady_rate(timing["steps"])
         run_worker("loss", base, str(folder / "adapter"), str(test), str(folder / "loss.json"))
         loss = json.loads((folder / "loss.json").read_text())["loss"]
-        results[name] = {"tok_s": rate, "wall_s": wall, "peak_rss_gb": rss / 1e9, "heldout_loss": loss,
+        peak = timing["gpu_peak_bytes"] if on_gpu else rss
+        results[name] = {"tok_s": rate, "wall_s": wall, "peak_memory_gb": peak / 1e9, "heldout_loss": loss,
                          "flops_share": 4 * n_params * rate / matmul}
     a, b = results["tutorial"], results["lora"]
-    print(f"\nMachine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-          f"bf16 matmul {matmul / 1e12:.2f} TFLOP/s (2048x2048, measured now)\n")
-    print("| recipe | real tok/s (steady) | wall time (s) | peak RSS (GB) | held-out loss | share of bf16 matmul rate |")
+    device = torch.cuda.get_device_name() if on_gpu else f"{os.cpu_count()} CPU cores"
+    memory = "peak GPU memory allocated (GB)" if on_gpu else "peak RSS (GB)"
+    print(f"\nMachine: {device}, torch {torch.__version__}, bf16 matmul {matmul / 1e12:.2f} TFLOP/s "
+          f"({matmul_size}, measured now); model {Path(base).name}, {n_params:,} parameters\n")
+    print(f"| recipe | real tok/s (steady) | wall time (s) | {memory} | held-out loss | share of bf16 matmul rate |")
     print("|---|---|---|---|---|---|")
     for name, label in (("tutorial", "tutorial: fp32, pad to max length"), ("lora", "`lora train` defaults")):
         r = results[name]
-        print(f"| {label} | {r['tok_s']:.0f} | {r['wall_s']:.0f} | {r['peak_rss_gb']:.2f} | {r['heldout_loss']:.3f} "
+        print(f"| {label} | {r['tok_s']:.0f} | {r['wall_s']:.0f} | {r['peak_memory_gb']:.2f} | {r['heldout_loss']:.3f} "
               f"| {100 * r['flops_share']:.0f}% |")
     print(f"| ratio lora / tutorial | {b['tok_s'] / a['tok_s']:.2f}x | {a['wall_s'] / b['wall_s']:.2f}x faster "
-          f"| {b['peak_rss_gb'] / a['peak_rss_gb']:.2f}x | | |")
+          f"| {b['peak_memory_gb'] / a['peak_memory_gb']:.2f}x | | |")
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
 
