@@ -168,7 +168,7 @@ def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dor
       k/v to all heads), output 4*h*p; logsumexp a*4; the additive mask row, s*p (packing: one
       row of b*s tokens, so b*s*p); on a CPU with packing `lora train` attends within each example
       instead (lora_cli/packed_attention.py): no mask, but examples of up to 256 tokens keep their
-      softmax in fp32 and the compute dtype, a*min(s, 256)*(4+p) at most | SwiGLU: gate, silu, up
+      softmax output (compute dtype), a*min(s, 256)*p at most | SwiGLU: gate, silu, up
       outputs 3*I*p
       LoRA, per adapted module: its input (under bf16/fp16 autocast a fresh p-byte copy per module;
       in fp32 one shared fp32 tensor) + lora_A output r*4; dropout adds its fp32 output (fp32 runs)
@@ -185,7 +185,7 @@ def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dor
     attn = heads * shape["head_dim"]
     tokens = batch * seq
     mask_row = tokens if packing else seq
-    attention = heads * min(seq, EAGER_MAX_TOKENS) * (4 + p) if cpu and packing else mask_row * p
+    attention = heads * min(seq, EAGER_MAX_TOKENS) * p if cpu and packing else mask_row * p
     base = 2 * h * 4 + 4 * 4 + 4 * attn * p + heads * 4 + attention + 3 * inter * p
     mask_bytes = 4 if cpu else 1
     extra: dict[str, int] = {}
