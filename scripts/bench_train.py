@@ -96,8 +96,8 @@ def worker_tutorial(base: str, train: Path, out: Path) -> None:
     ds = Dataset.from_list(rows).map(encode, remove_columns=["instruction", "output"])
     args = TrainingArguments(output_dir=str(out / "ckpt"), per_device_train_batch_size=HYPER["batch"],
                              num_train_epochs=HYPER["epochs"], learning_rate=2e-4, logging_steps=10,
-                             save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-                             include_num_input_tokens_seen="non_padding")
+                             save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+                             disable_tqdm=True, include_num_input_tokens_seen="non_padding")
     timing = Timing(out / "timing.json")
     Trainer(model=model, args=args, train_dataset=ds, data_collator=default_data_collator,
             callbacks=[timing]).train()
@@ -108,7 +108,8 @@ def worker_lora(base: str, train: Path, out: Path) -> None:
     from lora_cli import train as training
     from lora_cli.config import build_config
 
-    cfg = build_config(None, {"model.name": base, "data.path": str(train), "lora.r": HYPER["r"], "lora.lora_alpha": HYPER["alpha"],
+    cfg = build_config(None, {"model.name": base, "data.path": str(train),
+                              "lora.r": HYPER["r"], "lora.lora_alpha": HYPER["alpha"],
                               "lora.target_modules": ",".join(HYPER["targets"]),
                               "training.per_device_train_batch_size": HYPER["batch"],
                               "data.max_seq_len": HYPER["max_len"], "training.num_train_epochs": HYPER["epochs"],
@@ -146,16 +147,15 @@ def bf16_matmul_rate(seconds: float = 3.0) -> tuple[float, str]:
     size = 8192 if device == "cuda" else 2048  # large enough to reach the device's own rate
     a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
     b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # GPU matmuls return before they finish
     for _ in range(3):
         a @ b
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync()
     count, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         a @ b
+        sync()
         count += 1
-        if device == "cuda":
-            torch.cuda.synchronize()
     return 2 * size ** 3 * count / (time.perf_counter() - started), f"{size}x{size}"
 
 
@@ -184,16 +184,6 @@ def build_random_model(preset: str, tokenizer_from: str, folder: Path) -> str:
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
-
-
-def count_parameters(model_dir: str) -> int:
-    """Parameters of the model in model_dir, counted without loading its weights (tied ones once)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    return sum(p.numel() for p in model.parameters())
 
 
 def steady_rate(rows: list) -> float:
@@ -230,7 +220,11 @@ def main() -> None:
         base = build_random_model(ns.random_model, base, out / f"random-{ns.random_model}")
     train, test = make_data(out)
     matmul, matmul_size = bf16_matmul_rate()
-    n_params = count_parameters(base)
+    from lora_cli import estimate
+
+    # the estimate counts the model on the meta device (tied weights once): nothing is loaded
+    n_params = estimate.estimate(estimate.load_model_config(base), r=HYPER["r"],
+                                 target_modules=",".join(HYPER["targets"]))["base_params"]
     on_gpu = torch.cuda.is_available()
     results = {}
     for name in ("tutorial", "lora"):

@@ -197,8 +197,8 @@ def test_unknown_target_module_raises_config_error():
 
 # Peak RSS on a 2-core CPU of SmolLM2-135M training runs, r=8 alpha=16, batch 4, seq 256. Plain HF
 # Trainer runs with the model's own loss and padding (/work/shared/FACTS.md "Throughput baselines",
-# read as 1e9 bytes), and `lora train` runs measured for this module on a Xeon with AMX: rows longer than 256 tokens,
-# 6 steps, packed, no dropout (the setup of tests/test_default_model.py's live check).
+# read as 1e9 bytes), and `lora train` runs measured for this module on a Xeon with AMX: rows longer
+# than 256 tokens, 6 steps, packed, no dropout (the setup of tests/test_default_model.py's live check).
 @pytest.mark.parametrize("kwargs, measured", [
     (dict(compute_dtype="fp32", target_modules="qv", packing=False, chunked_loss=False), 3.5e9),
     (dict(compute_dtype="fp32", target_modules="qv", packing=False, gradient_checkpointing=True,
