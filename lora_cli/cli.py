@@ -386,8 +386,12 @@ def estimate(
         "training.gradient_checkpointing": gradient_checkpointing, "model.precision": precision})
     from lora_cli import estimate as est
 
-    report = est.estimate_run(cfg, est.load_model_config(cfg.model.name), device=device,
-                              compute_dtype="bf16" if cfg.model.precision == "auto" else cfg.model.precision)
+    compute_dtype = cfg.model.precision
+    if compute_dtype == "auto":  # as `lora train` would choose: on a CPU, this CPU's faster dtype
+        from lora_cli.models import cpu_precision
+
+        compute_dtype = "bf16" if device == "cuda" else cpu_precision()
+    report = est.estimate_run(cfg, est.load_model_config(cfg.model.name), device=device, compute_dtype=compute_dtype)
     if as_json:
         _print_json(report)
     else:

@@ -101,8 +101,14 @@ def resolve_precision(precision: str) -> str:
         return precision
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    # CPUs with AVX512-BF16 or AMX run bf16 matmuls 3-7x faster than fp32 (FACTS.md: 0.32 vs 1-2.3 TFLOP/s).
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    return cpu_precision()
+
+
+def cpu_precision() -> str:
+    """bf16 on CPUs that multiply it at least as fast as fp32 (with AMX: 7x faster), else fp32."""
+    from lora_cli.cpu import bf16_beats_fp32
+
+    return "bf16" if bf16_beats_fp32() else "fp32"
 
 
 def torch_dtype(precision: str) -> Any:
