@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
+from pathlib import Path
 
 # oneDNN, the library under torch's CPU matmuls, caches a compiled kernel with its buffers for every
 # matrix shape it meets, about 1 MB each and up to 1,024 of them. Packed rows change length every
@@ -19,19 +21,69 @@ def bound_matmul_caches() -> None:
     os.environ.setdefault("LRU_CACHE_CAPACITY", ONEDNN_CACHE_ENTRIES)  # ideep's cache, one level above oneDNN's
 
 
+# Where the measured choice is remembered, in the user cache (LORA_CACHE_DIR); deleting it re-measures.
+PRECISION_FILE = "cpu-precision.json"
+# The /proc/cpuinfo fields that identify a CPU model (x86 and ARM), not one core's clock or numbering.
+_CPU_FIELDS = ("vendor_id", "cpu family", "model", "model name", "stepping", "flags",
+               "CPU implementer", "CPU architecture", "CPU variant", "CPU part", "Features")
+
+
 @functools.lru_cache(maxsize=None)
 def bf16_beats_fp32() -> bool:
-    """Whether this CPU multiplies bf16 matrices at least about as fast as fp32 ones, timed on the spot.
+    """Whether this CPU multiplies bf16 matrices at least about as fast as fp32 ones.
 
     The CPU flags do not settle it. With AMX, bf16 runs 7x faster than fp32 (2.3 vs 0.32 TFLOP/s on
     a 2-core Xeon); with AVX512-BF16 but no AMX (a Xeon whose virtual machine hides AMX) oneDNN's
     bf16 kernel ran at 0.15 TFLOP/s against fp32's 0.25, and `lora train` in bf16 was 1.6x slower.
-    A near tie goes to bf16, which halves the memory. The timing costs about 0.1 s, once per process.
+    So it is timed, once per CPU model and torch version, and the answer is kept in the user cache:
+    every later run on the machine, and every process of a multi-process run, then trains in the
+    same precision rather than in whichever a noisy timing favoured that time.
     """
     import torch
 
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
+    from filelock import FileLock
+
+    from lora_cli.models import cache_dir
+
+    key = f"{_cpu_identity()} | torch {torch.__version__}"
+    path = cache_dir() / PRECISION_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        try:
+            known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if not isinstance(known.get(key), bool):
+            known[key] = _time_bf16_against_fp32()
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, path)
+    return known[key]
+
+
+def _cpu_identity() -> str:
+    """A short fingerprint of the CPU model: its /proc/cpuinfo identity fields where there are some."""
+    import hashlib
+    import platform
+
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        fields = [line for line in first.splitlines() if line.split(":")[0].strip() in _CPU_FIELDS]
+    except OSError:
+        fields = []
+    name = next((line.split(":", 1)[1].strip() for line in fields if line.startswith("model name")),
+                platform.processor() or platform.machine())
+    digest = hashlib.sha256("\n".join(fields or [platform.platform()]).encode()).hexdigest()[:12]
+    return f"{name} [{digest}]"
+
+
+def _time_bf16_against_fp32() -> bool:
+    """True when a bf16 linear layer runs at least 1/1.1 as fast as fp32 (a near tie goes to bf16,
+    which halves the memory). About 0.1 s."""
+    import torch
+
     bound_matmul_caches()  # this may be the process's first matmul
 
     def fastest(dtype: torch.dtype) -> float:

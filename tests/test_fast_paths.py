@@ -131,3 +131,30 @@ def test_auto_precision_on_a_cpu_is_the_dtype_it_multiplies_faster():
     if 0.67 < ratio < 1.5:
         pytest.skip(f"bf16 and fp32 run at similar rates on this CPU (time ratio {ratio:.2f}): either choice is fine")
     assert resolve_precision("auto") == ("bf16" if ratio < 1 else "fp32"), ratio
+
+
+def test_the_cpu_precision_choice_is_timed_once_and_then_remembered(tmp_path, monkeypatch):
+    """Every run on one machine, and every rank of a multi-process run, must train in the same precision."""
+    import json
+
+    from lora_cli import cpu
+
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("without bf16 support there is nothing to time: fp32")
+    monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path))
+    cpu.bf16_beats_fp32.cache_clear()
+    try:
+        measured = cpu.bf16_beats_fp32()
+        path = tmp_path / cpu.PRECISION_FILE
+        (key,) = json.loads(path.read_text())
+        assert json.loads(path.read_text())[key] is measured
+        # another process (a new run, another rank) reads the answer instead of timing again
+        path.write_text(json.dumps({key: not measured}))
+        cpu.bf16_beats_fp32.cache_clear()
+        assert cpu.bf16_beats_fp32() is (not measured)
+        path.write_text("not json")  # a damaged file is measured again and rewritten, not fatal
+        cpu.bf16_beats_fp32.cache_clear()
+        again = cpu.bf16_beats_fp32()
+        assert json.loads(path.read_text()) == {key: again}
+    finally:
+        cpu.bf16_beats_fp32.cache_clear()
