@@ -160,7 +160,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
                "tokens_per_second": round(progress.tokens_per_second(trainer.state), 1),
                "trainable_params": trainable, "total_params": total}
     if prepared.eval is not None:
-        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        metrics["eval_loss"] = final_eval_loss(trainer)
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
     record = manifest.build(cfg, source, base_params, precision, quantization, prepared, metrics, world_size)
     if trainer.is_world_process_zero():
@@ -169,6 +169,15 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         runs.write_json_atomic(run_dir / runs.MANIFEST, record)
         runs.update_latest(run_dir)
     return TrainResult(run_dir, record, model=model)
+
+
+def final_eval_loss(trainer: Any) -> float:
+    """The eval loss of the trained adapter. The Trainer already evaluates at the last step of a
+    step-scheduled run; evaluating again would give the same number for another pass over the eval set."""
+    done = [row for row in trainer.state.log_history if "eval_loss" in row]
+    if done and done[-1].get("step") == trainer.state.global_step:
+        return done[-1]["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
 
 
 def check_memory(cfg: TrainConfig, source: Any, precision: str) -> None:

@@ -198,3 +198,29 @@ def test_tokens_seen_counts_every_real_token_including_the_eos(tiny_model_dir, f
     assert sum(ids.count(tokenizer.pad_token_id) for ids in rows["input_ids"]) >= len(rows)
     result = train.run(cfg)
     assert result.manifest["metrics"]["tokens_seen"] == expected
+
+
+class CountEvaluations:
+    def __init__(self):
+        self.steps = []
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def test_the_last_evaluation_is_not_run_twice(tiny_model_dir, facts_file, workdir):
+    """The Trainer evaluates at the last step; the manifest's eval loss is that one, not a second pass."""
+    cfg = tiny_config(tiny_model_dir, facts_file, workdir / "e", **{
+        "training.eval_steps": 3, "training.max_steps": 6, "data.eval_data": str(facts_file)})
+    counter = CountEvaluations()
+    result = train.run(cfg, extra_callbacks=[counter])
+    assert counter.steps == [3, 6]
+    log = [json.loads(line) for line in (result.run_dir / "train_log.jsonl").read_text().splitlines()]
+    last = [row for row in log if "eval_loss" in row][-1]
+    assert last["step"] == 6
+    assert result.manifest["metrics"]["eval_loss"] == pytest.approx(last["eval_loss"])
