@@ -106,9 +106,12 @@ def supports_chunked_loss(model: Any) -> bool:
 
 
 class LoraTrainer(Trainer):
-    """The HF Trainer with the chunked, response-only loss for training steps (see the module docstring).
+    """The HF Trainer with the chunked, response-only loss (see the module docstring).
 
-    Evaluation keeps the Trainer's own loss path; so does any model `supports_chunked_loss` rejects.
+    Training steps use it, and so do evaluations that report only the loss (`prediction_loss_only`,
+    as `lora train` sets it): the full logits of an eval batch cost more than the rest of its forward
+    pass. An evaluation that asks for logits, and any model `supports_chunked_loss` rejects, keep the
+    Trainer's own loss path.
     """
 
     def __init__(self, *args: Any, chunked_loss: bool = True, **kwargs: Any):
@@ -119,7 +122,9 @@ class LoraTrainer(Trainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        if return_outputs or not self.chunked_loss or "labels" not in inputs:
+        # prediction_step asks for outputs but keeps only the loss when prediction_loss_only is set
+        loss_only_eval = return_outputs and self.args.prediction_loss_only and not model.training
+        if (return_outputs and not loss_only_eval) or not self.chunked_loss or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
         labels = inputs.pop("labels")
@@ -147,4 +152,4 @@ class LoraTrainer(Trainer):
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
             if self.args.average_tokens_across_devices:  # as Trainer.compute_loss does for a model's own loss
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        return loss
+        return (loss, {"loss": loss}) if return_outputs else loss

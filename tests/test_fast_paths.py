@@ -95,6 +95,32 @@ def test_chunked_loss_equals_the_models_own_loss_and_lora_gradients(tiny_model_d
         torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_a_loss_only_evaluation_uses_the_chunked_loss_and_gets_the_trainers_own_value(tiny_model_dir, tmp_path,
+                                                                                      monkeypatch):
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 7 * 300)
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for n in (17, 30, 5, 9, 22, 12, 40):
+        ids = torch.randint(5, 290, (n,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE] * 4 + ids[4:]})
+    calls = []
+    counted = loss.chunked_cross_entropy_sum
+    monkeypatch.setattr(loss, "chunked_cross_entropy_sum", lambda *a: calls.append(1) or counted(*a))
+    values = []
+    for chunked in (False, True):
+        model = _lora_model(tiny_model_dir)
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], disable_tqdm=True,
+                                 per_device_eval_batch_size=3, prediction_loss_only=True, remove_unused_columns=False)
+        trainer = loss.LoraTrainer(model=model, args=args, chunked_loss=chunked, eval_dataset=Dataset.from_list(rows),
+                                   data_collator=data.make_collator(None, packing=True))
+        values.append(trainer.evaluate()["eval_loss"])
+        assert len(calls) == (3 if chunked else 0)  # 7 rows, 3 a batch
+    assert values[1] == pytest.approx(values[0], rel=1e-5)
+
+
 def test_chunked_loss_steps_aside_when_the_output_layer_is_trained(tiny_model_dir, tmp_path):
     model = _lora_model(tiny_model_dir, targets=("q_proj", "lm_head"))
     assert not loss.supports_chunked_loss(model)
