@@ -34,21 +34,31 @@ def response_loss(loaded: Any, examples: list[dict], adapter: bool, batch_size: 
     import torch
 
     from lora_cli.data import IGNORE_INDEX, make_collator
+    from lora_cli.loss import supports_chunked_loss, trained_positions_loss
 
     collate = make_collator(loaded.tokenizer, packing=False)
     model = loaded.model
     use_adapter = adapter or loaded.adapter_dir is None
+    # As in training, the output layer runs only on the scored positions: a batch's full logits
+    # (8 x 1024 x vocab in fp32: 1.6 GB at 49k, 4 GB at 128k) would dwarf the rest of the pass.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if supports_chunked_loss(model, training=False) else None
     total, count = 0.0, 0
     with torch.no_grad(), (contextlib.nullcontext() if use_adapter else model.disable_adapter()):
         for start in range(0, len(examples), batch_size):
             batch = collate(examples[start:start + batch_size])
-            logits = model(input_ids=batch["input_ids"].to(model.device),
-                           attention_mask=batch["attention_mask"].to(model.device)).logits.float()
-            labels = batch["labels"].to(logits.device)[:, 1:]
-            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels,
-                                                       ignore_index=IGNORE_INDEX, reduction="sum")
+            inputs = {"input_ids": batch["input_ids"].to(model.device),
+                      "attention_mask": batch["attention_mask"].to(model.device)}
+            labels = batch["labels"].to(model.device)
+            if head is not None:
+                losses, trained = trained_positions_loss(model, head, inputs, labels)
+            else:
+                logits = model(**inputs).logits.float()
+                losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
+                                                           ignore_index=IGNORE_INDEX, reduction="sum")
+                trained = (labels[:, 1:] != IGNORE_INDEX).sum()
             total += losses.item()
-            count += int((labels != IGNORE_INDEX).sum())
+            count += int(trained)
     return total / max(count, 1)
 
 

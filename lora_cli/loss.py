@@ -96,13 +96,40 @@ def _scratch(role: str, shape: tuple[int, int], dtype: torch.dtype, device: torc
     return buffer[:numel].view(shape)
 
 
-def supports_chunked_loss(model: Any) -> bool:
-    """True when the chunked loss gives exactly the model's own loss: a plain, frozen, bias-free output layer."""
+def supports_chunked_loss(model: Any, training: bool = True) -> bool:
+    """True when the chunked loss gives exactly the model's own loss: a plain, bias-free output layer,
+    frozen when training (it forms no weight gradient)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     return (getattr(base.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES
-            and type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+            and type(head) is torch.nn.Linear and head.bias is None
+            and not (training and head.weight.requires_grad)
             and head.weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def trained_positions_loss(model: Any, head: Any, inputs: dict[str, Any], labels: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed next-token cross-entropy over the positions whose label is trained, and their count.
+
+    `model(**inputs)` runs with its output layer `head` handed zero positions (a forward pre-hook
+    takes the final hidden states instead); only the trained positions then go through the output
+    layer, chunk by chunk.
+    """
+    captured: list[Any] = []
+
+    def take_hidden_states(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        captured.append(args[0])
+        return (args[0][:, :0], *args[1:])  # the output layer then runs on zero positions
+
+    hook = head.register_forward_pre_hook(take_hidden_states)
+    try:
+        model(**inputs)
+    finally:
+        hook.remove()
+    hidden = captured[-1]
+    next_tokens = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    trained = next_tokens != IGNORE_INDEX
+    return chunked_cross_entropy_sum(hidden[trained], head.weight, next_tokens[trained]), trained.sum()
 
 
 class LoraTrainer(Trainer):
@@ -130,24 +157,9 @@ class LoraTrainer(Trainer):
         labels = inputs.pop("labels")
         base = self.accelerator.unwrap_model(model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
-        head = base.get_output_embeddings()
-        captured: list[Any] = []
-
-        def take_hidden_states(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            captured.append(args[0])
-            return (args[0][:, :0], *args[1:])  # the output layer then runs on zero positions
-
-        hook = head.register_forward_pre_hook(take_hidden_states)
-        try:
-            model(**inputs)
-        finally:
-            hook.remove()
-        hidden = captured[-1]
-        next_tokens = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-        trained = next_tokens != IGNORE_INDEX
-        loss = chunked_cross_entropy_sum(hidden[trained], head.weight, next_tokens[trained])
+        loss, trained = trained_positions_loss(model, base.get_output_embeddings(), inputs, labels)
         if num_items_in_batch is None or not self.model_accepts_loss_kwargs:  # a mean; the Trainer scales it for GA
-            loss = loss / trained.sum().clamp(min=1)
+            loss = loss / trained.clamp(min=1)
         else:
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
             if self.args.average_tokens_across_devices:  # as Trainer.compute_loss does for a model's own loss

@@ -121,6 +121,28 @@ def test_a_loss_only_evaluation_uses_the_chunked_loss_and_gets_the_trainers_own_
     assert values[1] == pytest.approx(values[0], rel=1e-5)
 
 
+@pytest.mark.parametrize("with_adapter", [True, False])
+def test_lora_eval_response_loss_equals_the_full_logits_loss(tiny_model_dir, tmp_path, monkeypatch, with_adapter):
+    """`lora eval` scores response tokens through the chunked loss, padded batches included: same value."""
+    from lora_cli import adapters, evaluate
+
+    model = _lora_model(tiny_model_dir)  # random LoRA weights, so adapted and base differ
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = adapters.load_for_inference(str(tmp_path / "adapter"), str(tiny_model_dir), precision="fp32")
+    rows = [{"instruction": f"Question {i} " * (1 + i % 4), "output": f"Answer number {i} " * (1 + i % 3)}
+            for i in range(11)]
+    examples = evaluate._examples(loaded, rows, "instruction", "rows", 64)
+    calls = []
+    counted = loss.chunked_cross_entropy_sum
+    monkeypatch.setattr(loss, "chunked_cross_entropy_sum", lambda *a: calls.append(1) or counted(*a))
+    ours = evaluate.response_loss(loaded, examples, adapter=with_adapter, batch_size=4)
+    assert len(calls) == 3  # 11 rows, 4 a batch
+    monkeypatch.setattr(loss, "supports_chunked_loss", lambda *a, **k: False)
+    reference = evaluate.response_loss(loaded, examples, adapter=with_adapter, batch_size=4)
+    assert len(calls) == 3
+    assert ours == pytest.approx(reference, rel=1e-5)
+
+
 def test_chunked_loss_steps_aside_when_the_output_layer_is_trained(tiny_model_dir, tmp_path):
     model = _lora_model(tiny_model_dir, targets=("q_proj", "lm_head"))
     assert not loss.supports_chunked_loss(model)
