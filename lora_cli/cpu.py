@@ -49,18 +49,21 @@ def bf16_beats_fp32() -> bool:
 
     key = f"{_cpu_identity()} | torch {torch.__version__}"
     path = cache_dir() / PRECISION_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        try:
-            known = json.loads(path.read_text())
-        except (OSError, ValueError):
-            known = {}
-        if not isinstance(known.get(key), bool):
-            known[key] = _time_bf16_against_fp32()
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(known, indent=1))
-            os.replace(tmp, path)
-    return known[key]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            try:
+                known = json.loads(path.read_text())
+            except (OSError, ValueError):
+                known = {}
+            if not isinstance(known.get(key), bool):
+                known[key] = _time_bf16_against_fp32()
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(known, indent=1))
+                os.replace(tmp, path)
+            return known[key]
+    except OSError:  # a cache folder that cannot be written: time it for this process alone
+        return _time_bf16_against_fp32()
 
 
 def _cpu_identity() -> str:

@@ -204,5 +204,9 @@ def test_the_cpu_precision_choice_is_timed_once_and_then_remembered(tmp_path, mo
         cpu.bf16_beats_fp32.cache_clear()
         again = cpu.bf16_beats_fp32()
         assert json.loads(path.read_text()) == {key: again}
+        # a cache folder that cannot be written (here: under a file) costs a timing, not the run
+        monkeypatch.setenv("LORA_CACHE_DIR", str(path / "below-a-file"))
+        cpu.bf16_beats_fp32.cache_clear()
+        assert isinstance(cpu.bf16_beats_fp32(), bool)
     finally:
         cpu.bf16_beats_fp32.cache_clear()
