@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py                          # 7-15 minutes on a 2-core CPU; prints a markdown table
     python scripts/bench_train.py --random-model llama-1b  # a 1.1B LLaMA with random weights (for a GPU)
+    python scripts/bench_train.py --random-model smollm2-135m --tokenizer DIR   # no default model needed
 
 (a) tutorial: fp32, every example padded to max length, plain HF Trainer + PEFT, r=8 on q/v, lr 2e-4.
 (b) lora train with its defaults for everything the tutorial does not fix (bf16 where it is the fast dtype,
@@ -164,6 +165,9 @@ def matmul_rate(dtype_name: str = "bf16", seconds: float = 3.0) -> tuple[float, 
 # Random-weight LLaMAs for measuring throughput at a size the default model does not reach (on a GPU).
 # They use the default model's tokenizer, so the data and the evaluator stay the same.
 RANDOM_MODELS = {
+    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3,
+                     "tie_word_embeddings": True},  # the default model's shape, without its weights
     "llama-1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
                  "num_attention_heads": 32, "num_key_value_heads": 4},  # TinyLlama-1.1B's shape
     "llama-tiny": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
@@ -179,9 +183,10 @@ def build_random_model(preset: str, tokenizer_from: str, folder: Path) -> str:
     if (folder / "config.json").is_file():
         return str(folder)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, tie_word_embeddings=False,
+    shape = {"tie_word_embeddings": False, **RANDOM_MODELS[preset]}
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **RANDOM_MODELS[preset])
+                         pad_token_id=tokenizer.pad_token_id, **shape)
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -199,8 +204,12 @@ def main() -> None:
     parser.add_argument("--out", default="bench-train", help="working folder")
     parser.add_argument("--random-model", choices=sorted(RANDOM_MODELS),
                         help="train a LLaMA of this shape with random weights instead of the default model")
+    parser.add_argument("--tokenizer", help="with --random-model: a folder holding the default model's tokenizer, "
+                        "for a machine that has not got (and cannot download) the default model itself")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ns = parser.parse_args()
+    if ns.tokenizer and not ns.random_model:
+        parser.error("--tokenizer goes with --random-model")
     if ns.worker:
         kind, *rest = ns.worker
         if kind == "tutorial":
@@ -217,7 +226,7 @@ def main() -> None:
 
     out = Path(ns.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    base = str(ensure_default_model())
+    base = ns.tokenizer or str(ensure_default_model())
     if ns.random_model:
         base = build_random_model(ns.random_model, base, out / f"random-{ns.random_model}")
     train, test = make_data(out)
