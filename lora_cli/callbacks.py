@@ -90,3 +90,15 @@ class SaveOnInterrupt(TrainerCallback):
         if self.interrupted:
             control.should_save = True
             control.should_training_stop = True
+
+
+class LastEvaluation(TrainerCallback):
+    """The step and eval loss of the newest evaluation this process ran (not one read back from a checkpoint)."""
+
+    def __init__(self):
+        self.step: int | None = None
+        self.eval_loss: float | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics:
+            self.step, self.eval_loss = state.global_step, metrics["eval_loss"]

@@ -366,7 +366,7 @@ def estimate(
     packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Packed rows.")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing",
                                                                    help="Recompute activations.")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="bf16, fp16, fp32 (auto = bf16).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="bf16, fp16, fp32 (auto = bf16 on cuda; on cpu, what `lora train` would pick on this CPU).")] = None,
     device: Annotated[str, typer.Option(help="cuda or cpu: what the overhead is counted for.")] = "cuda",
     as_json: JsonOpt = False,
 ) -> None:

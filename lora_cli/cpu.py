@@ -35,7 +35,7 @@ def bf16_beats_fp32() -> bool:
     The CPU flags do not settle it. With AMX, bf16 runs 7x faster than fp32 (2.3 vs 0.32 TFLOP/s on
     a 2-core Xeon); with AVX512-BF16 but no AMX (a Xeon whose virtual machine hides AMX) oneDNN's
     bf16 kernel ran at 0.15 TFLOP/s against fp32's 0.25, and `lora train` in bf16 was 1.6x slower.
-    So it is timed, once per CPU model and torch version, and the answer is kept in the user cache:
+    So it is timed, once per CPU model, torch version and thread count, and the answer is kept in the user cache:
     every later run on the machine, and every process of a multi-process run, then trains in the
     same precision rather than in whichever a noisy timing favoured that time.
     """
@@ -47,7 +47,7 @@ def bf16_beats_fp32() -> bool:
 
     from lora_cli.models import cache_dir
 
-    key = f"{_cpu_identity()} | torch {torch.__version__}"
+    key = f"{_cpu_identity()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
     path = cache_dir() / PRECISION_FILE
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,13 +56,17 @@ def bf16_beats_fp32() -> bool:
                 known = json.loads(path.read_text())
             except (OSError, ValueError):
                 known = {}
+            if not isinstance(known, dict):
+                known = {}
             if not isinstance(known.get(key), bool):
                 known[key] = _time_bf16_against_fp32()
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(known, indent=1))
                 os.replace(tmp, path)
             return known[key]
-    except OSError:  # a cache folder that cannot be written: time it for this process alone
+    except OSError:  # a cache folder that cannot be written
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return True  # ranks timing apart could disagree: every rank takes bf16, which the CPU supports
         return _time_bf16_against_fp32()
 
 

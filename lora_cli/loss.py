@@ -145,12 +145,23 @@ class LoraTrainer(Trainer):
         super().__init__(*args, **kwargs)
         # FSDP and ZeRO-3 shard the output weight outside the forward pass, where this loss needs it whole.
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
-        self.chunked_loss = chunked_loss and not sharded and supports_chunked_loss(self.model)
+        # torch.nn.DataParallel (one process, several GPUs) runs the hook once per replica
+        replicated = self.args.n_gpu > 1
+        self.chunked_loss = chunked_loss and not sharded and not replicated and supports_chunked_loss(self.model)
+        self._loss_only_prediction = False
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> Any:
+        # compute_loss is asked for outputs here, but only the loss is kept when prediction_loss_only
+        self._loss_only_prediction = prediction_loss_only
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        finally:
+            self._loss_only_prediction = False
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        # prediction_step asks for outputs but keeps only the loss when prediction_loss_only is set
-        loss_only_eval = return_outputs and self.args.prediction_loss_only and not model.training
+        loss_only_eval = return_outputs and self._loss_only_prediction
         if (return_outputs and not loss_only_eval) or not self.chunked_loss or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)

@@ -119,10 +119,12 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         disable_tqdm=not is_main,
     )
     progress, guard, interrupt = callbacks.LoraProgress(), callbacks.StopOnNonFiniteLoss(), callbacks.SaveOnInterrupt()
+    last_eval = callbacks.LastEvaluation()
     trainer = LoraTrainer(
         model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
         data_collator=data.make_collator(tokenizer, cfg.data.packing), processing_class=tokenizer,
-        callbacks=[guard, interrupt, callbacks.JsonlLog(run_dir / "train_log.jsonl"), *(extra_callbacks or [])],
+        callbacks=[guard, interrupt, last_eval, callbacks.JsonlLog(run_dir / "train_log.jsonl"),
+                   *(extra_callbacks or [])],
     )
     trainer.remove_callback(callbacks.ProgressCallback)
     trainer.add_callback(progress)
@@ -160,7 +162,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
                "tokens_per_second": round(progress.tokens_per_second(trainer.state), 1),
                "trainable_params": trainable, "total_params": total}
     if prepared.eval is not None:
-        metrics["eval_loss"] = final_eval_loss(trainer)
+        metrics["eval_loss"] = final_eval_loss(trainer, last_eval)
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
     record = manifest.build(cfg, source, base_params, precision, quantization, prepared, metrics, world_size)
     if trainer.is_world_process_zero():
@@ -171,12 +173,12 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     return TrainResult(run_dir, record, model=model)
 
 
-def final_eval_loss(trainer: Any) -> float:
+def final_eval_loss(trainer: Any, last_eval: Any) -> float:
     """The eval loss of the trained adapter. The Trainer already evaluates at the last step of a
-    step-scheduled run; evaluating again would give the same number for another pass over the eval set."""
-    done = [row for row in trainer.state.log_history if "eval_loss" in row]
-    if done and done[-1].get("step") == trainer.state.global_step:
-        return done[-1]["eval_loss"]
+    step-scheduled run; evaluating again would give the same number for another pass over the eval set.
+    Only an evaluation run by this process counts: a resumed run's history may hold one made on other eval data."""
+    if last_eval.step is not None and last_eval.step == trainer.state.global_step:
+        return last_eval.eval_loss
     return trainer.evaluate()["eval_loss"]
 
 

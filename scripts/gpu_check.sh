@@ -19,7 +19,10 @@ if [[ "${1:-}" == "--prepare" ]]; then
     # the pins of requirements.txt for what the GPU machine's image lacks or holds in another version
     pins=$(grep -E '^(transformers|peft|datasets|bitsandbytes)==' requirements.txt)
     mkdir -p .gpu/whl .gpu/tokenizer
-    grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+    exclude=$(git rev-parse --git-path info/exclude)
+    mkdir -p "$(dirname "$exclude")"
+    grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >> "$exclude"
+    # the GPU machine's python3 is CPython 3.12 (multiprocess ships one wheel per Python version)
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d .gpu/whl $pins dill==0.4.1 multiprocess==0.70.19
@@ -42,10 +45,10 @@ transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes
 for model in smollm2-135m llama-1b; do
     python3 scripts/bench_train.py --random-model "$model" --tokenizer .gpu/tokenizer --out "/tmp/bench-$model" \
         > "$out/bench-$model.log" 2>&1 || { tail -30 "$out/bench-$model.log"; exit 1; }
-    grep -E '^\||^Machine' "$out/bench-$model.log"
+    grep -E '^\||^Machine' "$out/bench-$model.log" || true
 done
 
-python3 - <<'EOF' 2>&1 | tee "$out/train-1b.log" | grep -E '^\{|Error|error'
+python3 - <<'EOF' 2>&1 | tee "$out/train-1b.log" | { grep -E '^\{|Error|error' || true; }
 import gc
 import json
 import torch
