@@ -111,6 +111,16 @@ def cpu_precision() -> str:
     return "bf16" if bf16_beats_fp32() else "fp32"
 
 
+def describe_precision(requested: str, resolved: str) -> str:
+    """The precision for the log, saying why `auto` left bf16 aside on a CPU that supports it."""
+    import torch
+
+    if (requested == "auto" and resolved == "fp32" and not torch.cuda.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return "fp32 (auto: this CPU multiplies bf16 more slowly)"
+    return resolved
+
+
 def torch_dtype(precision: str) -> Any:
     import torch
 

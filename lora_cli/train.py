@@ -130,10 +130,12 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     trainer.add_callback(progress)
     if is_main:
         effective = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
+        shown = models.describe_precision(cfg.model.precision, precision)
+        shown += f" + {quantization}" if quantization else ""
         log.info("Training %s on %d rows (%s, template %s): %s trainable of %s parameters (%.2f%%), "
                     "%s, effective batch %d, lr %g -> %s", source.name, len(prepared.train), prepared.format,
                     prepared.template, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
-                    precision + (f" + {quantization}" if quantization else ""), effective, t.learning_rate, run_dir)
+                    shown, effective, t.learning_rate, run_dir)
 
     # 5. Train; Ctrl-C saves a checkpoint and stops, a NaN loss stops before anything is saved.
     started = time.perf_counter()

@@ -217,3 +217,15 @@ def test_the_cpu_precision_choice_is_timed_once_and_then_remembered(tmp_path, mo
         assert isinstance(cpu.bf16_beats_fp32(), bool)
     finally:
         cpu.bf16_beats_fp32.cache_clear()
+
+
+def test_the_log_says_why_auto_left_bf16_aside():
+    from lora_cli.models import describe_precision
+
+    assert describe_precision("fp32", "fp32") == "fp32"  # asked for: nothing to explain
+    assert describe_precision("auto", "bf16") == "bf16"
+    explained = describe_precision("auto", "fp32")
+    if torch.cuda.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert explained == "fp32"  # no bf16 to leave aside
+    else:
+        assert explained.startswith("fp32 (auto:") and "bf16" in explained
