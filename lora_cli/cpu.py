@@ -35,9 +35,9 @@ def bf16_beats_fp32() -> bool:
     The CPU flags do not settle it. With AMX, bf16 runs 7x faster than fp32 (2.3 vs 0.32 TFLOP/s on
     a 2-core Xeon); with AVX512-BF16 but no AMX (a Xeon whose virtual machine hides AMX) oneDNN's
     bf16 kernel ran at 0.15 TFLOP/s against fp32's 0.25, and `lora train` in bf16 was 1.6x slower.
-    So it is timed, once per CPU model, torch version and thread count, and the answer is kept in the user cache:
-    every later run on the machine, and every process of a multi-process run, then trains in the
-    same precision rather than in whichever a noisy timing favoured that time.
+    So it is timed, once per CPU model, torch version and thread count, and the answer is kept in the
+    user cache: every later run on the machine, and every process of a multi-process run, then trains
+    in the same precision rather than in whichever a noisy timing favoured that time.
     """
     import torch
 

@@ -179,7 +179,7 @@ def final_eval_loss(trainer: Any, last_eval: Any) -> float:
     """The eval loss of the trained adapter. The Trainer already evaluates at the last step of a
     step-scheduled run; evaluating again would give the same number for another pass over the eval set.
     Only an evaluation run by this process counts: a resumed run's history may hold one made on other eval data."""
-    if last_eval.step is not None and last_eval.step == trainer.state.global_step:
+    if last_eval.step == trainer.state.global_step:  # None when this process has not evaluated
         return last_eval.eval_loss
     return trainer.evaluate()["eval_loss"]
 

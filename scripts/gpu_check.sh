@@ -2,14 +2,14 @@
 # The CUDA measurements, in one command, on a GPU machine that has PyTorch but cannot reach the network.
 #
 #   bash scripts/gpu_check.sh --prepare   # on a machine with network: wheels into .gpu/whl and the
-#                                         # default model's tokenizer into .gpu/tokenizer (about 62 MB)
+#                                         # default model's tokenizer into .gpu/tokenizer (59 MB in all)
 #   bash scripts/gpu_check.sh             # on the GPU machine, from the repository root, with .gpu beside it
 #
 # What it runs there (about 5 minutes on one H200), writing logs into $OUT (or gpu-check/):
 # 1. scripts/bench_train.py, tutorial recipe against `lora train`, on random-weight LLaMAs of the
 #    default model's shape and of TinyLlama-1.1B's shape: tokens/s, wall time, peak GPU memory and model
-#    FLOP utilisation against the bf16 matmul rate it measures. (The weights, hence the weights the default
-#    model would bring, do not change the speed; the held-out losses mean nothing here.)
+#    FLOP utilisation against the bf16 matmul rate it measures. (Random weights train at the speed the
+#    real ones would; only the held-out losses mean nothing here.)
 # 2. `lora train` in bf16 and with --use-4bit (QLoRA, NF4 on CUDA) on the 1.1B shape, 40 steps each:
 #    tokens/s and peak GPU memory next to `lora estimate --device cuda` for the same setup.
 set -euo pipefail
