@@ -46,9 +46,10 @@ def main(
     """lora: the shortest path from "I have data" to "I have a good adapter"."""
     state["debug"] = debug or os.environ.get("LORA_DEBUG") == "1"
     _setup_logging(state["debug"])
-    from lora_cli.cpu import bound_matmul_caches
+    from lora_cli import cpu
 
-    bound_matmul_caches()
+    cpu.bound_matmul_caches()
+    cpu.keep_freed_memory()
 
 
 def _setup_logging(debug: bool) -> None:

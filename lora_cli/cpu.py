@@ -21,6 +21,45 @@ def bound_matmul_caches() -> None:
     os.environ.setdefault("LRU_CACHE_CAPACITY", ONEDNN_CACHE_ENTRIES)  # ideep's cache, one level above oneDNN's
 
 
+# glibc's malloc gives freed memory back to the kernel (a block over its mmap threshold is unmapped at
+# once; free space at the top of the heap is trimmed), and the next allocation of that size faults
+# every 4 KB page in again, zero-filled. Packed rows change length every step, so activations of a new
+# size came and went all through a run: 200k to 770k page faults in 30 steps of the default model,
+# 3 to 6 s of system time, and a 3 MB product in the MLP took 5 to 7 ms instead of 0.15. Keeping what
+# was freed for reuse cut the faults to about 15k and trained 10% faster (303 -> 337 tok/s, 2-core
+# Xeon). Blocks over 32 MB (glibc's largest threshold) are still mapped and unmapped each time.
+MMAP_THRESHOLD = 32 * 1024 * 1024
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers, from glibc's malloc.h
+_USER_MALLOC_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory for reuse rather than return it to the kernel.
+
+    The resident size stays at its peak instead of going down between steps; the peak itself does not
+    grow. Does nothing (returns False) without glibc, or when the user tunes malloc themselves.
+    """
+    import ctypes
+
+    if not _glibc() or any(name in os.environ for name in _USER_MALLOC_SETTINGS) \
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        # Setting either one also turns off glibc's own threshold adjustment, so both are set.
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+def _glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system, or not glibc
+        return False
+
+
 # Where the measured choice is remembered, in the user cache (LORA_CACHE_DIR); deleting it re-measures.
 PRECISION_FILE = "cpu-precision.json"
 # The /proc/cpuinfo fields that identify a CPU model (x86 and ARM), not one core's clock or numbering.
