@@ -26,7 +26,7 @@ def bound_matmul_caches() -> None:
 # every 4 KB page in again, zero-filled. Packed rows change length every step, so activations of a new
 # size came and went all through a run: 200k to 770k page faults in 30 steps of the default model,
 # 3 to 6 s of system time, and a 3 MB product in the MLP took 5 to 7 ms instead of 0.15. Keeping what
-# was freed for reuse cut the faults to about 15k and trained 10% faster (303 -> 337 tok/s, 2-core
+# was freed for reuse cut the faults to about 15k and trained 10% faster (median 303 -> 333 tok/s, 2-core
 # Xeon). Blocks over 32 MB (glibc's largest threshold) are still mapped and unmapped each time.
 MMAP_THRESHOLD = 32 * 1024 * 1024
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers, from glibc's malloc.h
