@@ -24,10 +24,11 @@ def bound_matmul_caches() -> None:
 # glibc's malloc gives freed memory back to the kernel (a block over its mmap threshold is unmapped at
 # once; free space at the top of the heap is trimmed), and the next allocation of that size faults
 # every 4 KB page in again, zero-filled. Packed rows change length every step, so activations of a new
-# size came and went all through a run: 200k to 770k page faults in 30 steps of the default model,
-# 3 to 6 s of system time, and a 3 MB product in the MLP took 5 to 7 ms instead of 0.15. Keeping what
+# size came and went all through a run: 200k to 1,050k page faults in 30 steps of the default model,
+# 1 to 6 s of system time, and a 3 MB product in the MLP took 5 to 7 ms instead of 0.15. Keeping what
 # was freed for reuse cut the faults to about 15k and trained 10% faster (median 303 -> 333 tok/s, 2-core
-# Xeon). Blocks over 32 MB (glibc's largest threshold) are still mapped and unmapped each time.
+# Xeon; the demo's run, with longer rows, neither gained nor lost). Blocks over 32 MB (glibc's largest
+# threshold) are still mapped and unmapped each time.
 MMAP_THRESHOLD = 32 * 1024 * 1024
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers, from glibc's malloc.h
 _USER_MALLOC_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
