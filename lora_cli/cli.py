@@ -48,8 +48,7 @@ def main(
     _setup_logging(state["debug"])
     from lora_cli import cpu
 
-    cpu.bound_matmul_caches()
-    cpu.keep_freed_memory()
+    cpu.configure_process()
 
 
 def _setup_logging(debug: bool) -> None:

@@ -55,6 +55,12 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def configure_process() -> None:
+    """The process-wide settings every `lora` command, and `train.run` for callers embedding lora, apply first."""
+    bound_matmul_caches()
+    keep_freed_memory()
+
+
 def _glibc() -> bool:
     try:
         return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")

@@ -37,8 +37,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     """
     from lora_cli import cpu, models, runs
 
-    cpu.bound_matmul_caches()
-    cpu.keep_freed_memory()
+    cpu.configure_process()
     _check_reporter(cfg.training.report_to)
     # 1. Where the run goes (every process must agree on the folder, so rank 0 picks it), and which
     # model: both are checked before torch and transformers are even imported.
