@@ -146,6 +146,9 @@ def train(
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing",
                                                                    help="Recompute activations: less memory, ~15% slower.")] = None,
     precision: Annotated[Optional[str], typer.Option(help=_help("model.precision", "auto, bf16, fp16, fp32."))] = None,
+    int8_backward: Annotated[Optional[bool], typer.Option("--int8-backward/--no-int8-backward",
+                                                          help="Frozen layers' input gradients in int8 (CPU, fp32). "
+                                                               "(default: auto, where int8 matmuls are fast)")] = None,
     report_to: Annotated[Optional[str], typer.Option(help=_help("training.report_to", "none, tensorboard, wandb."))] = None,
     revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit of the model.")] = None,
     trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Allow code from the model repository.")] = None,
@@ -174,7 +177,7 @@ def train(
         "training.eval_steps": eval_steps, "training.save_total_limit": save_total_limit,
         "training.logging_steps": logging_steps, "resume": resume, "overwrite": overwrite,
         "training.gradient_checkpointing": gradient_checkpointing, "model.precision": precision,
-        "training.report_to": report_to, "model.revision": revision, "model.trust_remote_code": trust_remote_code,
+        "model.int8_backward": int8_backward, "training.report_to": report_to, "model.revision": revision, "model.trust_remote_code": trust_remote_code,
         "model.allow_pickle_weights": allow_pickle_weights,
     }
     cfg = build_config(config, flags)

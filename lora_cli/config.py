@@ -33,6 +33,9 @@ class ModelConfig:
     use_8bit: bool = False  # LLM.int8() frozen weights (bitsandbytes)
     # auto = bf16 where the hardware computes it fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp32.
     precision: str = "auto"
+    # The input gradients of the frozen projections through int8 matmuls; the forward stays exact.
+    # None = auto: on for fp32 training on a CPU whose int8 matmuls are fast (lora_cli/int8_backward.py).
+    int8_backward: bool | None = None
     trust_remote_code: bool = False  # never run code from a model repository unless asked
     allow_pickle_weights: bool = False  # weights load from safetensors only: unpickling can run code
 
@@ -121,6 +124,7 @@ FLAGS: dict[str, str] = {
     "model.use_4bit": "--use-4bit",
     "model.use_8bit": "--use-8bit",
     "model.precision": "--precision",
+    "model.int8_backward": "--int8-backward",
     "model.trust_remote_code": "--trust-remote-code",
     "model.allow_pickle_weights": "--allow-pickle-weights",
     "lora.r": "--rank",
@@ -231,7 +235,7 @@ def _coerce(key: str, value: Any, template: Any) -> Any:
     expected = type(template)
     if value is None:
         return None
-    if isinstance(template, bool):
+    if isinstance(template, bool) or key in _BOOL_KEYS:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{flag(key)} must be true or false, got {value!r}")
@@ -253,6 +257,7 @@ def _coerce(key: str, value: Any, template: Any) -> Any:
 
 
 _INT_KEYS = {"training.eval_steps"}
+_BOOL_KEYS = {"model.int8_backward"}  # true, false, or left out for auto
 _FLOAT_KEYS = {"training.learning_rate", "training.warmup_steps", "data.eval_split", "lora.lora_dropout"}
 
 

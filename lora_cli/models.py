@@ -111,6 +111,21 @@ def cpu_precision() -> str:
     return "bf16" if bf16_beats_fp32() else "fp32"
 
 
+def resolve_int8_backward(asked: bool | None, precision: str, quantization: str | None) -> bool:
+    """None (auto) -> on for fp32 training on a CPU whose int8 matmuls are fast; asked -> as asked, where it applies."""
+    import torch
+
+    applies = not torch.cuda.is_available() and precision == "fp32" and quantization is None
+    if asked and not applies:
+        raise ConfigError("--int8-backward applies to fp32 training on the CPU, without --use-4bit or --use-8bit; "
+                          "drop it, or train with --precision fp32 on the CPU")
+    if asked is None:
+        from lora_cli.cpu import int8_beats_fp32
+
+        return applies and int8_beats_fp32()
+    return asked
+
+
 def describe_precision(requested: str, resolved: str) -> str:
     """The precision for the log, saying why `auto` left bf16 aside on a CPU that supports it."""
     import torch

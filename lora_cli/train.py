@@ -50,7 +50,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     import torch
     from transformers import TrainingArguments
 
-    from lora_cli import callbacks, data, manifest
+    from lora_cli import callbacks, data, int8_backward, manifest
     from lora_cli.loss import LoraTrainer
     from lora_cli.report import plot_loss_curve
 
@@ -61,6 +61,8 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     # 3. The frozen base in the fastest precision the hardware has, then the adapter on top.
     precision = models.resolve_precision(cfg.model.precision)
     quantization = cfg.model.quantization
+    # resolved into the config, so the manifest records what ran
+    cfg.model.int8_backward = models.resolve_int8_backward(cfg.model.int8_backward, precision, quantization)
     if is_main:
         check_memory(cfg, source, precision)
     if quantization and precision == "fp16":
@@ -84,6 +86,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     set_seed(cfg.training.seed)  # LoRA's A matrices are drawn here: the same seed gives the same adapter
     model = models.add_lora(model, cfg.lora, quantized=bool(quantization),
                             gradient_checkpointing=cfg.training.gradient_checkpointing)
+    int8_projections = int8_backward.enable(model) if cfg.model.int8_backward else 0
     trainable, total = model.get_nb_trainable_parameters()
     if world_size > 1:  # every rank has checked the folder before rank 0 creates it
         from accelerate import PartialState
@@ -132,6 +135,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         effective = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
         shown = models.describe_precision(cfg.model.precision, precision)
         shown += f" + {quantization}" if quantization else ""
+        shown += f", input gradients of {int8_projections} frozen projections in int8" if int8_projections else ""
         log.info("Training %s on %d rows (%s, template %s): %s trainable of %s parameters (%.2f%%), "
                     "%s, effective batch %d, lr %g -> %s", source.name, len(prepared.train), prepared.format,
                     prepared.template, f"{trainable:,}", f"{total:,}", 100 * trainable / total,

@@ -281,3 +281,73 @@ def test_freed_activations_are_reused_not_faulted_in_again():
     # a user's own malloc tuning wins (here a 1 MB trim threshold: even more faults than the default)
     applied, theirs = _page_faults("keep", MALLOC_TRIM_THRESHOLD_="1000000")
     assert not applied and theirs > default / 2
+
+
+def _tiny_lora_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lora_cli import models
+    from lora_cli.config import LoraSettings
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return models.add_lora(model, LoraSettings(target_modules="q_proj,v_proj"), quantized=False,
+                           gradient_checkpointing=False)
+
+
+def _loss_and_lora_grads(model, batch):
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_int8_input_gradients_leave_the_forward_exact_and_the_lora_gradients_close(tiny_model_dir):
+    """Frozen projections' input gradients through int8: the same loss, LoRA gradients within int8's rounding."""
+    from lora_cli import int8_backward
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 300, (2, 48))
+    batch = {"input_ids": ids, "labels": ids}
+    exact_model, int8_model = _tiny_lora_model(tiny_model_dir), _tiny_lora_model(tiny_model_dir)
+    with torch.no_grad():  # B starts at zero, which would leave the layers below without a LoRA gradient
+        for name, param in exact_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    int8_model.load_state_dict(exact_model.state_dict())  # the same adapter in both
+    # 2 layers x 7 frozen projections; not the output layer, not LoRA's trainable A and B
+    assert int8_backward.enable(int8_model) == 14
+    assert "forward" not in vars(int8_model.get_output_embeddings())
+    assert all("forward" not in vars(m) for n, m in int8_model.named_modules() if "lora_" in n)
+    exact_loss, exact = _loss_and_lora_grads(exact_model, batch)
+    int8_loss, approx = _loss_and_lora_grads(int8_model, batch)
+    assert torch.equal(int8_loss, exact_loss)  # the forward is untouched
+    rounded = 0
+    for name, grad in exact.items():
+        error = ((approx[name] - grad).norm() / grad.norm()).item()
+        assert error < 0.03, (name, error)  # int8's rounding: about 1% here
+        rounded += error > 0
+    # the first layer's adapters get their gradient through the second layer's int8 projections
+    assert rounded >= len(exact) // 2
+    with torch.no_grad():  # evaluation takes the plain path
+        assert torch.equal(int8_model(**batch).loss, exact_loss)
+
+
+def test_int8_input_gradients_apply_where_they_can_and_auto_follows_the_cpus_timing(tmp_path, monkeypatch):
+    from lora_cli import cpu
+    from lora_cli.errors import ConfigError
+    from lora_cli.models import resolve_int8_backward
+
+    monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path))
+    cpu.int8_beats_fp32.cache_clear()
+    try:
+        if torch.cuda.is_available():
+            assert resolve_int8_backward(None, "fp32", None) is False
+        else:
+            assert resolve_int8_backward(None, "fp32", None) is cpu.int8_beats_fp32()
+            assert resolve_int8_backward(True, "fp32", None) is True
+        assert resolve_int8_backward(None, "bf16", None) is False  # bf16 runs its own fast path
+        assert resolve_int8_backward(None, "fp32", "4bit") is False  # bitsandbytes' layers, not nn.Linear
+        assert resolve_int8_backward(False, "fp32", None) is False
+        with pytest.raises(ConfigError, match="--int8-backward applies to fp32 training on the CPU"):
+            resolve_int8_backward(True, "bf16", None)
+    finally:
+        cpu.int8_beats_fp32.cache_clear()
