@@ -257,13 +257,14 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
              quantization: str | None = None, use_dora: bool = False, batch_size: int = 4,
              max_seq_len: int = 512, gradient_checkpointing: bool = False, compute_dtype: str = "bf16",
              device: str = "cuda", lora_dropout: float = 0.05, packing: bool = True,
-             chunked_loss: bool | None = None, model: str | None = None) -> dict:
+             chunked_loss: bool | None = None, model: str | None = None, int8_backward: bool = False) -> dict:
     """Parameter counts and peak training memory of `lora train` for LoRA/QLoRA on a transformers config.
 
     `lora_dropout` and `packing` default to `lora train`'s defaults; bf16/fp16 compute is taken to
     run under autocast (as `lora train` does), fp32 without. `chunked_loss`: whether the loss runs
     the output layer in chunks (None: as `lora train` decides for this architecture, unsharded).
-    `model` names the model in the report.
+    `model` names the model in the report. `int8_backward`: an int8 copy of each frozen projection
+    (and a scale per input feature) for the input gradients (lora_cli/int8_backward.py).
     """
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"Quantization must be 4bit, 8bit or none, not '{quantization}'.")
@@ -287,7 +288,8 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
 
     act_ckpt, act_full = activations(batch_size, True), activations(batch_size, False)
     memory = {
-        "weights_bytes": _weights_bytes(base_params, linears, quantization, p),
+        "weights_bytes": _weights_bytes(base_params, linears, quantization, p)
+        + (sum(fan_in * fan_out + fan_in * 4 for _name, fan_in, fan_out, _bias in linears) if int8_backward else 0),
         "lora_bytes": trainable * 4,
         "gradients_bytes": trainable * 4,
         "optimizer_bytes": trainable * 8,
@@ -316,7 +318,7 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
         "r": r, "lora_alpha": lora_alpha, "target_modules": targets, "use_dora": bool(use_dora),
         "lora_dropout": float(lora_dropout), "quantization": quantization, "batch_size": batch_size,
         "max_seq_len": max_seq_len, "packing": bool(packing), "gradient_checkpointing": bool(gradient_checkpointing),
-        "compute_dtype": compute_dtype, "device": kind,
+        "compute_dtype": compute_dtype, "device": kind, "int8_backward": bool(int8_backward),
         "base_params": base_params, "total_params": total, "trainable_params": trainable,
         "trainable_share": trainable / total,
         "memory": memory,
@@ -361,11 +363,13 @@ def format_estimate(report: dict) -> str:
 
 def estimate_run(cfg: Any, model_config: Any, *, compute_dtype: str, device: str, model: str | None = None) -> dict:
     """The estimate for a `lora train` configuration: the one place its options become estimate() arguments."""
-    from lora_cli.models import sharded_engine
+    from lora_cli.models import resolve_int8_backward, sharded_engine
 
+    int8_backward = resolve_int8_backward(cfg.model.int8_backward, compute_dtype, cfg.model.quantization, device)
     return estimate(model_config, r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, target_modules=cfg.lora.target_modules,
                     quantization=cfg.model.quantization, use_dora=cfg.lora.use_dora,
                     batch_size=cfg.training.per_device_train_batch_size, max_seq_len=cfg.data.max_seq_len,
                     gradient_checkpointing=cfg.training.gradient_checkpointing, compute_dtype=compute_dtype,
                     device=device, lora_dropout=cfg.lora.lora_dropout, packing=cfg.data.packing,
-                    chunked_loss=False if sharded_engine() else None, model=model or cfg.model.name)
+                    chunked_loss=False if sharded_engine() else None, model=model or cfg.model.name,
+                    int8_backward=int8_backward)

@@ -111,11 +111,17 @@ def cpu_precision() -> str:
     return "bf16" if bf16_beats_fp32() else "fp32"
 
 
-def resolve_int8_backward(asked: bool | None, precision: str, quantization: str | None) -> bool:
-    """None (auto) -> on for fp32 training on a CPU whose int8 matmuls are fast; asked -> as asked, where it applies."""
-    import torch
+def resolve_int8_backward(asked: bool | None, precision: str, quantization: str | None,
+                          device: str | None = None) -> bool:
+    """None (auto) -> on for fp32 training on a CPU whose int8 matmuls are fast; asked -> as asked, where it applies.
 
-    applies = not torch.cuda.is_available() and precision == "fp32" and quantization is None
+    `device`: cuda or cpu, where the training runs (None: this machine's).
+    """
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    applies = device == "cpu" and precision == "fp32" and quantization is None
     if asked and not applies:
         raise ConfigError("--int8-backward applies to fp32 training on the CPU, without --use-4bit or --use-8bit; "
                           "drop it, or train with --precision fp32 on the CPU")

@@ -86,6 +86,14 @@ def test_8bit_weights_are_one_byte_per_param_plus_an_fp32_scale_per_row():
     assert report(target_modules="qv", quantization="8bit")["memory"]["weights_bytes"] == expected
 
 
+def test_int8_input_gradients_add_an_int8_copy_and_an_fp32_scale_per_input_feature():
+    fp32 = report(target_modules="qv", compute_dtype="fp32", device="cpu")["memory"]["weights_bytes"]
+    int8 = report(target_modules="qv", compute_dtype="fp32", device="cpu", int8_backward=True)
+    columns = 32 * (6 * 4096 + 11008)  # down_proj's input is the 11008-wide MLP
+    assert int8["memory"]["weights_bytes"] - fp32 == LLAMA_7B_LINEAR + columns * 4
+    assert int8["int8_backward"]
+
+
 def test_optimizer_keeps_two_fp32_states_per_trainable_param():
     rep = report(target_modules="qv")
     m = rep["memory"]
