@@ -177,8 +177,8 @@ def train(
         "training.eval_steps": eval_steps, "training.save_total_limit": save_total_limit,
         "training.logging_steps": logging_steps, "resume": resume, "overwrite": overwrite,
         "training.gradient_checkpointing": gradient_checkpointing, "model.precision": precision,
-        "model.int8_backward": int8_backward, "training.report_to": report_to, "model.revision": revision, "model.trust_remote_code": trust_remote_code,
-        "model.allow_pickle_weights": allow_pickle_weights,
+        "model.int8_backward": int8_backward, "training.report_to": report_to, "model.revision": revision,
+        "model.trust_remote_code": trust_remote_code, "model.allow_pickle_weights": allow_pickle_weights,
     }
     cfg = build_config(config, flags)
     from lora_cli.hub import check_push_target

@@ -172,14 +172,14 @@ def _time_int8_against_fp32() -> bool:
     matmul, scaling back) takes at most 1/1.5 of the fp32 matmul's time. About 0.1 s."""
     import torch
 
-    from lora_cli.int8_backward import quantize_rows
+    from lora_cli.int8_backward import quantize
 
     configure_process()  # as training runs: without kept memory, page faults double the int8 side's time
     grad, weight = torch.randn(512, 1024), torch.randn(1024, 1024)
     weight_int8 = weight.to(torch.int8)
 
     def int8() -> Any:
-        values, scale = quantize_rows(grad)
+        values, scale = quantize(grad, dim=1)
         return torch._int_mm(values, weight_int8).mul(scale)
 
     return _fastest(int8) * 1.5 <= _fastest(lambda: grad @ weight)

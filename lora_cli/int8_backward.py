@@ -16,12 +16,14 @@ import functools
 from typing import Any
 
 
-def quantize_rows(rows: Any) -> tuple[Any, Any]:
-    """(tokens, features) fp32 -> int8 values and the (tokens, 1) scales that bring them back."""
+def quantize(values: Any, dim: int) -> tuple[Any, Any]:
+    """fp32 -> int8 values and the fp32 scales that bring them back: the largest magnitude over `dim`
+    maps to 127 (dim=1: one scale per row, dim=0: one per column; kept as a size-1 dimension, so that
+    multiplying by it broadcasts)."""
     import torch
 
-    scale = rows.abs().amax(dim=1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny).div_(127)
-    return torch.div(rows, scale).round_().to(torch.int8), scale
+    scale = values.abs().amax(dim=dim, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny).div_(127)
+    return torch.div(values, scale).round_().to(torch.int8), scale
 
 
 def enable(model: Any) -> int:
@@ -36,14 +38,11 @@ def enable(model: Any) -> int:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     changed = 0
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (type(module) is not torch.nn.Linear or module is head or weight.requires_grad
-                or weight.dtype != torch.float32):
+        if (type(module) is not torch.nn.Linear or module is head or module.weight.requires_grad
+                or module.weight.dtype != torch.float32):
             continue
-        frozen = weight.detach()
-        # one scale per input channel: the columns of grad @ W are the input features
-        column_scale = frozen.abs().amax(dim=0).clamp_(min=torch.finfo(torch.float32).tiny).div_(127)
-        weight_int8 = torch.div(frozen, column_scale).round_().to(torch.int8)
+        # one scale per input feature (a column of W): the columns of grad @ W are the input features
+        weight_int8, column_scale = quantize(module.weight.detach(), dim=0)
         module.forward = functools.partial(_forward, module, weight_int8, column_scale)
         changed += 1
     return changed
@@ -70,7 +69,7 @@ def _function() -> Any:
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> tuple[Any, None, None, None, None]:
-            values, row_scale = quantize_rows(grad.reshape(-1, grad.shape[-1]))
+            values, row_scale = quantize(grad.reshape(-1, grad.shape[-1]), dim=1)  # one scale per token
             grad_x = torch._int_mm(values, ctx.weight_int8).mul(row_scale).mul_(ctx.column_scale)
             return grad_x.view(*grad.shape[:-1], -1), None, None, None, None
 
