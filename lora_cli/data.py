@@ -389,7 +389,11 @@ def prepare(data_cfg: Any, tokenizer: Any, seed: int) -> PreparedData:
 
 # ---------------------------------------------------------------- the tokenized-data cache
 
-CACHE_VERSION = 1  # bump when tokenize() or the renderers change what they produce
+
+def _code_version() -> str:
+    """A hash of this module's source, which holds all the reading, rendering and tokenizing: any change
+    to it gives new cache keys, so a cached dataset never outlives the code that made it."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
 def _fingerprint(identity: dict[str, Any], fmt: str, renderer: Renderer, data_cfg: Any) -> str | None:
@@ -399,7 +403,7 @@ def _fingerprint(identity: dict[str, Any], fmt: str, renderer: Renderer, data_cf
     tokenizer = renderer.tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    parts = {"version": CACHE_VERSION, "data": identity["sha256"], "eval": identity.get("eval", {}).get("sha256"),
+    parts = {"code": _code_version(), "data": identity["sha256"], "eval": identity.get("eval", {}).get("sha256"),
              "format": fmt, "format_option": data_cfg.format, "template": renderer.template,
              "chat_template": getattr(tokenizer, "chat_template", None), "special": str(tokenizer.special_tokens_map),
              "vocabulary": hashlib.sha256(vocabulary.encode()).hexdigest(), "max_seq_len": data_cfg.max_seq_len,

@@ -210,6 +210,10 @@ def test_a_second_run_on_the_same_data_reads_the_tokens_from_the_cache(tokenizer
     rows.write_text(rows.read_text().replace("Answer 3.", "Answer three."))
     _prepare(rows, tokenizer, eval_split=0.25)
     assert len(calls) == 3
+    # and so does a new version of the code that renders and tokenizes (no version number to bump by hand)
+    monkeypatch.setattr(data, "_code_version", lambda: "a later lora")
+    _prepare(rows, tokenizer, eval_split=0.25)
+    assert len(calls) == 4
 
 
 def test_a_damaged_cache_entry_is_tokenized_again(tokenizer, tmp_path, monkeypatch):
