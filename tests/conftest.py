@@ -99,6 +99,12 @@ def tiny_train_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list
             "--precision", "fp32", "--logging-steps", "1", "--save-steps", "100", "--dropout", "0", *extra]
 
 
+def logged_steps(run_dir: Path, after_line: int = 0) -> list[int]:
+    """The steps whose training loss the run's train_log.jsonl holds, from line `after_line` on."""
+    lines = (run_dir / "train_log.jsonl").read_text().splitlines()[after_line:]
+    return [row["step"] for row in map(json.loads, lines) if "loss" in row]
+
+
 @pytest.fixture
 def copy_dir():
     def _copy(src: Path, dst: Path) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_train_args
+from conftest import logged_steps, tiny_train_args
 
 ACCELERATE_CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "accelerate").glob("*.yaml"))
 
@@ -75,9 +75,12 @@ def test_two_process_run_resumes_from_its_checkpoint(tiny_model_dir, facts_file,
     first = _train(torchrun, [*tiny_train_args(tiny_model_dir, facts_file, tmp_path / "split", *common),
                               "--max-steps", "4"], env, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert logged_steps(tmp_path / "split") == [1, 2, 3, 4]
+    lines_before = len((tmp_path / "split" / "train_log.jsonl").read_text().splitlines())
     resumed = _train(torchrun, [*tiny_train_args(tiny_model_dir, facts_file, tmp_path / "split", *common),
                                 "--max-steps", "8", "--resume"], env, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert logged_steps(tmp_path / "split", lines_before) == [5, 6, 7, 8]  # from the checkpoint, not from step 0
 
     from safetensors.torch import load_file
 

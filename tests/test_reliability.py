@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_train_args
+from conftest import logged_steps, tiny_train_args
 from lora_cli import runs
 
 # Runs `lora train` in-process with a callback that slows each step down, so a test can interrupt it
@@ -78,10 +78,14 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter(workdir, tiny_model_
     proc.wait()
     assert not runs.is_finished(workdir / "killed")
     assert not (workdir / "killed" / "adapter_model.safetensors").exists()
+    checkpoint_step = int(Path(runs.newest_checkpoint(workdir / "killed")).name.split("-")[1])
+    lines_before = len((workdir / "killed" / "train_log.jsonl").read_text().splitlines())
 
     resumed = run_cli([*args, "--resume"], workdir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert runs.is_finished(workdir / "killed")
+    # it went on from the checkpoint: starting again from step 0 would give the same adapter
+    assert logged_steps(workdir / "killed", lines_before) == list(range(checkpoint_step + 1, 13))
     assert_same_adapter(workdir / "ref", workdir / "killed")
 
 
