@@ -98,8 +98,9 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"{path}: cannot be parsed as {suffix[1:]} ({type(exc).__name__})") from None
 
 
-def read_rows(spec: str | None, split: str = "train") -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows from a file, a folder of files, the embedded default, or a `datasets` hub id; plus their identity."""
+def read_rows(spec: str | None, split: str = "train", flag: str = "--data") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows from a file, a folder of files, the embedded default, or a `datasets` hub id; plus their identity.
+    `flag` is the option that named them, for the messages."""
     path = Path(spec).expanduser() if spec else default_data_path(split)
     if path.exists():
         files = _files_of(path)
@@ -114,9 +115,9 @@ def read_rows(spec: str | None, split: str = "train") -> tuple[list[dict[str, An
             Path(spec).suffix.lower() not in FILE_SUFFIXES:  # org/name, not a missing data/file.jsonl
         rows, identity = _read_hub(spec, split)
     else:
-        raise DataError(f"--data {spec}: no such file or folder (nor a hub dataset id like 'org/name')")
+        raise DataError(f"{flag} {spec}: no such file or folder (nor a hub dataset id like 'org/name')")
     if not rows:
-        raise DataError(f"--data {spec or path}: no rows found")
+        raise DataError(f"{flag} {spec or path}: no rows found")
     identity["rows"] = len(rows)
     return rows, identity
 
@@ -145,21 +146,36 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "model": "assistant", "bot": "assistant"}
 
 
-def detect_format(rows: list[dict[str, Any]], requested: str = "auto") -> str:
-    """The row layout, named by the user or found from the columns of the first row."""
+def detect_format(rows: list[dict[str, Any]], requested: str = "auto", source: str = "the data") -> str:
+    """The row layout, named by the user or found from the columns of the first row; then every row is
+    checked to have that layout's columns, so that a stray row fails here, by its number."""
     columns = set(rows[0])
     if requested != "auto":
         needed = FORMAT_COLUMNS[requested]
         if not set(needed) <= columns:
-            raise DataError(f"--format {requested} needs columns {', '.join(needed)}; the data has "
+            raise DataError(f"--format {requested} needs columns {', '.join(needed)}; {source} has "
                             + ", ".join(sorted(columns)))
-        return requested
-    for name, needed in FORMAT_COLUMNS.items():
-        if set(needed) <= columns:
-            return name
-    known = "; ".join(f"{n}: {'+'.join(c)}" for n, c in FORMAT_COLUMNS.items())
-    raise DataError(f"cannot tell the data format from columns {', '.join(sorted(columns)) or '(none)'}; "
-                    f"known formats are {known}")
+        fmt = requested
+    else:
+        fmt = next((name for name, needed in FORMAT_COLUMNS.items() if set(needed) <= columns), "")
+        if not fmt:
+            known = "; ".join(f"{n}: {'+'.join(c)}" for n, c in FORMAT_COLUMNS.items())
+            raise DataError(f"cannot tell the data format of {source} from columns "
+                            f"{', '.join(sorted(columns)) or '(none)'}; known formats are {known}")
+    check_rows(rows, fmt, source)
+    return fmt
+
+
+def check_rows(rows: list[dict[str, Any]], fmt: str, source: str) -> None:
+    """Every row holds the format's columns, none of them empty (null, or a missing CSV cell)."""
+    needed = FORMAT_COLUMNS[fmt]
+    for number, row in enumerate(rows, start=1):
+        for column in needed:
+            if row.get(column) is None:
+                state = "an empty" if column in row else "no"
+                raise DataError(f"{source} row {number} has {state} '{column}' (its columns: "
+                                f"{', '.join(sorted(row)) or 'none'}); every {fmt} row needs "
+                                f"{' and '.join(needed)}: fix or remove that row")
 
 
 def to_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, str]] | None:
@@ -353,14 +369,16 @@ def prepare(data_cfg: Any, tokenizer: Any, seed: int) -> PreparedData:
     import datasets
 
     rows, identity = read_rows(data_cfg.path)
-    fmt = detect_format(rows, data_cfg.format)
+    source = f"--data {data_cfg.path}" if data_cfg.path else "the embedded dataset"
+    fmt = detect_format(rows, data_cfg.format, source)
     renderer = Renderer(tokenizer, data_cfg.template)
-    source = data_cfg.path or "embedded dataset"
     use_heldout = not (data_cfg.path or data_cfg.eval_split)  # the embedded dataset brings its held-out split
     eval_spec = data_cfg.eval_data or (str(default_data_path("heldout")) if use_heldout else None)
     eval_rows = None
+    eval_source = f"--eval-data {data_cfg.eval_data}" if data_cfg.eval_data else "the embedded held-out split"
     if eval_spec:
-        eval_rows, identity["eval"] = read_rows(eval_spec)
+        eval_rows, identity["eval"] = read_rows(eval_spec, flag="--eval-data")
+        eval_format = detect_format(eval_rows, data_cfg.format, eval_source)
     key = _fingerprint(identity, fmt, renderer, data_cfg)
     cached = _read_cache(key)
     if cached is not None:
@@ -373,8 +391,8 @@ def prepare(data_cfg: Any, tokenizer: Any, seed: int) -> PreparedData:
                             "raise --max-seq-len or shorten the prompts")
         eval_examples = None
         if eval_rows is not None:
-            eval_examples, _ = tokenize_rows(eval_rows, detect_format(eval_rows, data_cfg.format), renderer,
-                                             data_cfg.max_seq_len, False, eval_spec)
+            eval_examples, _ = tokenize_rows(eval_rows, eval_format, renderer, data_cfg.max_seq_len, False,
+                                             eval_source)
         train_ds = datasets.Dataset.from_list(train)
         eval_ds = datasets.Dataset.from_list(eval_examples) if eval_examples else None
         _write_cache(key, train_ds, eval_ds, dropped)
@@ -382,9 +400,20 @@ def prepare(data_cfg: Any, tokenizer: Any, seed: int) -> PreparedData:
         log.warning("%d of %d rows dropped: their response does not fit in --max-seq-len %d",
                     dropped, len(rows), data_cfg.max_seq_len)
     if data_cfg.eval_split and not eval_spec:
+        _check_split(len(train_ds), data_cfg.eval_split)
         split = train_ds.train_test_split(test_size=data_cfg.eval_split, seed=seed)
         train_ds, eval_ds = split["train"], split["test"]
     return PreparedData(train_ds, eval_ds, fmt, renderer.template, identity, dropped)
+
+
+def _check_split(rows: int, share: float) -> None:
+    """Both sides of a --eval-split keep at least one row (counted as `datasets` splits them)."""
+    import math
+
+    held_out = math.ceil(share * rows)
+    if held_out >= rows:
+        raise DataError(f"--eval-split {share} of {rows} training rows leaves none to train on; "
+                        "lower it, add rows, or pass --eval-data")
 
 
 # ---------------------------------------------------------------- the tokenized-data cache

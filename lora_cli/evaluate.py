@@ -122,25 +122,29 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
              general: str | None = "default", limit: int | None = None, max_seq_len: int = 1024,
              precision: str = "auto") -> dict[str, Any]:
     """Base and adapted side by side on `data` (default: the embedded held-out split)."""
-    from lora_cli import adapters
-    from lora_cli.data import ASSETS, default_data_path, detect_format, read_rows
+    from lora_cli import adapters, runs
+    from lora_cli.data import ASSETS, check_rows, default_data_path, detect_format, read_rows
 
     if model and not adapter:
         raise DataError("lora eval compares base and adapted: name an adapter with --adapter (or train one first)")
-    loaded = adapters.load_for_inference(adapter, model, precision=precision)
+    runs.find_run(adapter)  # no adapter fails first; the data is checked before anything loads
     spec = data or str(default_data_path("heldout"))
     rows, _ = read_rows(spec)
     rows = rows[:limit] if limit else rows
-    fmt = detect_format(rows)
+    fmt = detect_format(rows, source=f"--data {data}" if data else "the embedded held-out split")
+    general_spec = None
+    if general:  # read and checked before the model loads, not after the comparison has run
+        general_spec = str(Path(str(ASSETS / "data" / GENERAL_TEXT))) if general == "default" else general
+        general_rows, _ = read_rows(general_spec, flag="--general")
+        check_rows(general_rows, "text", f"--general {general_spec}")
+    loaded = adapters.load_for_inference(adapter, model, precision=precision)
     examples = _examples(loaded, rows, fmt, spec, max_seq_len)
     pairs = references(rows, fmt)
     report: dict[str, Any] = {"rows": len(examples), "data": spec, "adapter": str(loaded.adapter_dir)}
     for name, on in (("base", False), ("adapted", True)):
         em = exact_match(loaded, pairs, on)[0] if pairs else None
         report[name] = _side(response_loss(loaded, examples, on), em)
-    if general:
-        general_spec = str(Path(str(ASSETS / "data" / GENERAL_TEXT))) if general == "default" else general
-        general_rows, _ = read_rows(general_spec)
+    if general_spec:
         general_examples = _examples(loaded, general_rows, "text", general_spec, max_seq_len)
         base_ppl = math.exp(response_loss(loaded, general_examples, False))
         adapted_ppl = math.exp(response_loss(loaded, general_examples, True))

@@ -133,7 +133,7 @@ def batch(loaded: Any, prompts_file: Path, output: Path, sampling: Sampling, raw
     from lora_cli.data import read_rows
     from lora_cli.runs import write_text_atomic
 
-    rows, _ = read_rows(str(prompts_file))
+    rows, _ = read_rows(str(prompts_file), flag="--prompts-file")
     lines = []
     for number, row in enumerate(rows, start=1):
         prompt = row.get("prompt") or row.get("instruction")

@@ -19,6 +19,7 @@ from lora_cli.errors import RunError
 MANIFEST = "lora_run.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CHECKPOINTS = "checkpoints"
+TRAIN_LOG = "train_log.jsonl"
 
 
 def runs_root() -> Path:
@@ -108,24 +109,49 @@ def find_run(spec: str | None, what: str = "adapter") -> Path:
     return path
 
 
-def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a finished run, before any work; a resumed run needs checkpoints. Changes nothing."""
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, inputs: tuple[str | None, ...] = ()) -> None:
+    """Refuse to clobber a finished run, or anything that is not a run, before any work; a resumed run
+    needs checkpoints. `inputs` are the run's own files (data), which --overwrite must never delete.
+    Changes nothing."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"--output-dir {run_dir} is a file; name a folder for the run")
+    if not run_dir.exists():
+        ancestor = next(p for p in run_dir.absolute().parents if p.exists())
+        if not (ancestor.is_dir() and os.access(ancestor, os.W_OK | os.X_OK)):
+            raise RunError(f"--output-dir {run_dir} cannot be created: {ancestor} is not a writable folder")
     if resume:
         if not (run_dir / CHECKPOINTS).is_dir():
             raise RunError(f"--resume: {run_dir} has no checkpoints to resume from; start it without --resume")
         newest_checkpoint(run_dir)  # fails now, not after the model has loaded, when none is complete
         return
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+    if not (run_dir.exists() and any(run_dir.iterdir())):
+        return
+    if not is_run(run_dir):
+        example = sorted(p.name for p in run_dir.iterdir())[0]
+        raise RunError(f"--output-dir {run_dir} holds files that are not a lora run (such as {example}); pick another "
+                       "folder (--overwrite only replaces runs)")
+    if not overwrite:
         state = "a finished run" if is_finished(run_dir) else "an unfinished run"
         fix = "--overwrite" if is_finished(run_dir) else "--resume to continue it, or --overwrite"
         raise RunError(f"--output-dir {run_dir} already holds {state}; pick another folder or pass {fix}")
+    for spec in inputs:
+        if spec and Path(spec).exists() and Path(spec).resolve().is_relative_to(run_dir.resolve()):
+            raise RunError(f"--overwrite would delete {spec}, which this run reads; move it out of {run_dir} first")
+
+
+def is_run(folder: Path) -> bool:
+    """Whether lora train made this folder: it holds a manifest, a training log or checkpoints."""
+    return any((folder / name).exists() for name in (MANIFEST, TRAIN_LOG, CHECKPOINTS))
 
 
 def create_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Make the run folder once the inputs are known to be good; --overwrite clears the old run first."""
-    if not resume and overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if not resume and overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"--output-dir {run_dir} cannot be written: {exc.strerror or exc}") from exc
 
 
 def newest_checkpoint(run_dir: Path) -> str | None:

@@ -44,7 +44,8 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     is_main = int(os.environ.get("RANK", "0")) == 0
     run_dir = _agree_on_run_dir(cfg, world_size)
-    runs.check_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    runs.check_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite,
+                       inputs=(cfg.data.path, cfg.data.eval_data))
     source = models.resolve_model(cfg.model.name, cfg.model.revision)
 
     import torch
@@ -126,7 +127,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     trainer = LoraTrainer(
         model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
         data_collator=data.make_collator(tokenizer, cfg.data.packing), processing_class=tokenizer,
-        callbacks=[guard, interrupt, last_eval, callbacks.JsonlLog(run_dir / "train_log.jsonl"),
+        callbacks=[guard, interrupt, last_eval, callbacks.JsonlLog(run_dir / runs.TRAIN_LOG),
                    *(extra_callbacks or [])],
     )
     trainer.remove_callback(callbacks.ProgressCallback)

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import tiny_train_args
+from lora_cli import runs
 from lora_cli.cli import app
 
 runner = CliRunner()
@@ -40,7 +41,21 @@ BAD_INPUTS = [
     (["train", "--data", "notes.txt", "--model", "MODEL"], 2, "unsupported file type '.txt'"),
     (["train", "--data", "data/missing.jsonl", "--model", "MODEL"], 2, "--data data/missing.jsonl: no such file"),
     (["train", "--data", "bad.jsonl", "--model", "MODEL"], 2, "line 2 is not valid JSON"),
-    (["train", "--data", "columns.jsonl", "--model", "MODEL"], 2, "cannot tell the data format from columns"),
+    (["train", "--data", "columns.jsonl", "--model", "MODEL"], 2,
+     "cannot tell the data format of --data columns.jsonl from columns answer, question"),
+    (["train", "--data", "mixed.jsonl", "--model", "MODEL"], 2,
+     "--data mixed.jsonl row 2 has no 'output' (its columns: instruction, response); every instruction row needs"),
+    (["train", "--data", "nulls.jsonl", "--model", "MODEL"], 2, "--data nulls.jsonl row 1 has an empty 'output'"),
+    (["train", "--data", "facts.jsonl", "--eval-data", "missing.jsonl", "--model", "MODEL"], 2,
+     "--eval-data missing.jsonl: no such file"),
+    (["train", "--data", "facts.jsonl", "--eval-data", "mixed.jsonl", "--model", "MODEL"], 2,
+     "--eval-data mixed.jsonl row 2 has no 'output'"),
+    (["train", "--data", "one.jsonl", "--eval-split", "0.5", "--model", "MODEL"], 2,
+     "--eval-split 0.5 of 1 training rows leaves none to train on"),
+    (["train", "--data", "facts.jsonl", "--model", "MODEL", "--output-dir", "notes.txt"], 2,
+     "--output-dir notes.txt is a file"),
+    (["train", "--data", "facts.jsonl", "--model", "MODEL", "--output-dir", ".", "--overwrite"], 2,
+     "--output-dir . holds files that are not a lora run (such as bad.jsonl); pick another folder"),
     (["train", "--data", "empty.jsonl", "--model", "MODEL"], 2, "no rows found"),
     (["train", "--model", "./no/such/folder"], 1, "no such folder"),
     (["train", "--model", "not-a-real-org/not-a-real-model"], 1, "not in the local cache and HF_HUB_OFFLINE=1"),
@@ -76,6 +91,9 @@ def test_bad_input_gets_one_line_and_leaves_nothing(args, code, message, workdir
     (workdir / "bad.jsonl").write_text('{"text": "ok"}\n{"text": nope}\n')
     (workdir / "columns.jsonl").write_text('{"question": "a", "answer": "b"}\n')
     (workdir / "empty.jsonl").write_text("\n")
+    (workdir / "mixed.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "response": "d"}\n')
+    (workdir / "nulls.jsonl").write_text('{"instruction": "a", "output": null}\n')
+    (workdir / "one.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
     (workdir / "notes.txt").write_text("hello\n")
     (workdir / "unknown-key.yaml").write_text("lora:\n  rank: 16\n")
     (workdir / "facts.jsonl").write_text(facts_file.read_text())
@@ -98,6 +116,13 @@ def test_finished_run_survives_a_second_train_into_the_same_folder(workdir, tiny
     assert (out / "adapter_model.safetensors").read_bytes() == adapter
     assert invoke(*tiny_train_args(tiny_model_dir, facts_file, out, "--overwrite", "--lr", "1e-2")).exit_code == 0
     assert (out / "adapter_model.safetensors").read_bytes() != adapter
+
+    # --overwrite never deletes the data the run reads, even inside the old run's folder
+    inside = out / "my_data.jsonl"
+    inside.write_text(facts_file.read_text())
+    result = invoke(*tiny_train_args(tiny_model_dir, inside, out, "--overwrite"))
+    assert result.exit_code == 2 and "--overwrite would delete" in result.output and "which this run reads" in result.output
+    assert inside.read_text() == facts_file.read_text() and runs.is_finished(out)
 
 
 def test_bare_resume_never_reopens_a_finished_run(workdir, tiny_model_dir, facts_file):
@@ -122,7 +147,7 @@ def test_generate_after_train_uses_runs_latest(workdir, tiny_model_dir, facts_fi
     assert result.stdout.strip()  # an answer went to stdout
 
 
-def test_eval_json_has_base_and_adapted_side_by_side(workdir, tiny_model_dir, facts_file):
+def test_eval_json_has_base_and_adapted_side_by_side(workdir, tiny_model_dir, facts_file, monkeypatch):
     assert invoke(*tiny_train_args(tiny_model_dir, facts_file, workdir / "run")).exit_code == 0
     result = runner.invoke(app, ["eval", "--data", str(facts_file), "--json", "--limit", "4", "--no-general"])
     assert result.exit_code == 0, result.output
@@ -131,6 +156,17 @@ def test_eval_json_has_base_and_adapted_side_by_side(workdir, tiny_model_dir, fa
     for side in ("base", "adapted"):
         assert set(report[side]) == {"loss", "perplexity", "exact_match"}
     assert report["adapted"]["loss"] < report["base"]["loss"]  # trained on these very rows
+
+    # a --general file without text rows is refused before any model loads, with one line
+    from lora_cli import adapters
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded a model before checking --general")
+
+    monkeypatch.setattr(adapters, "load_for_inference", no_loading)
+    result = runner.invoke(app, ["eval", "--data", str(facts_file), "--general", str(facts_file)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert f"--general {facts_file} row 1 has no 'text'" in result.output
 
 
 def test_info_describes_the_latest_run(workdir, tiny_model_dir, facts_file):
