@@ -55,6 +55,10 @@ def base_of(adapter_dir: Path, manifest: dict[str, Any] | None) -> str:
         base = manifest["base_model"]
         if base.get("path") and Path(base["path"]).is_dir():
             return base["path"]
+        from lora_cli.models import EMBEDDED
+
+        if base["name"].lower() == EMBEDDED:  # rebuilt offline where the cache lost it, not the hub's own weights
+            return base["name"]
         return base.get("hub_id") or base["name"]
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     return config.get("base_model_name_or_path") or ""

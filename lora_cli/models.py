@@ -49,7 +49,7 @@ def cache_dir() -> Path:
 def resolve_model(name: str | None, revision: str | None = None) -> ModelSource:
     """A short name, a local folder or a hub id -> where to load it from; no weights are read."""
     name = name or EMBEDDED
-    if name == EMBEDDED:
+    if name.lower() == EMBEDDED:
         from lora_cli.default_model import ensure_default_model
 
         return ModelSource(name, str(ensure_default_model()), SHORT_NAMES[EMBEDDED], local=True)
@@ -70,14 +70,22 @@ def resolve_model(name: str | None, revision: str | None = None) -> ModelSource:
 def check_hub(name: str, hub_id: str, revision: str | None) -> None:
     """Fail in a second with one sentence when the hub id cannot be reached, instead of 30 s of retries."""
     from huggingface_hub import model_info, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import validate_repo_id
 
+    try:
+        validate_repo_id(hub_id)
+    except HFValidationError:
+        raise ConfigError(f"--model {name!r} is neither a model folder, a hub id (org/name) nor one of: "
+                          + ", ".join(SHORT_NAMES)) from None
     if isinstance(try_to_load_from_cache(hub_id, "config.json", revision=revision), str):
         return  # already downloaded: transformers can use the local copy
     asked = f"'{name}'" + (f" ({hub_id})" if hub_id != name else "")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
+        embedded = f" (or --model {EMBEDDED}, the embedded default: this model from a 4-bit GGUF, offline)" \
+            if hub_id == SHORT_NAMES[EMBEDDED] else ""
         raise ModelError(f"model {asked} is not in the local cache and HF_HUB_OFFLINE=1 forbids downloading it; "
-                         "unset HF_HUB_OFFLINE or pass a local folder with --model")
+                         f"unset HF_HUB_OFFLINE or pass a local folder with --model{embedded}")
     try:
         model_info(hub_id, revision=revision, timeout=15)
     except GatedRepoError:

@@ -59,6 +59,8 @@ BAD_INPUTS = [
     (["train", "--data", "empty.jsonl", "--model", "MODEL"], 2, "no rows found"),
     (["train", "--model", "./no/such/folder"], 1, "no such folder"),
     (["train", "--model", "not-a-real-org/not-a-real-model"], 1, "not in the local cache and HF_HUB_OFFLINE=1"),
+    (["train", "--model", "my model!"], 2, "--model 'my model!' is neither a model folder, a hub id (org/name) nor"),
+    (["estimate", "--model", "my model!"], 2, "--model 'my model!' is neither a model folder"),
     (["train", "--model", "llama-7b", "--rank", "8", "--use-4bit"], 1, "model 'llama-7b' (huggyllama/llama-7b)"),
     (["train", "--data", "facts.jsonl", "--model", "MODEL", "--target-modules", "nope_proj"], 2,
      "--target-modules nope_proj not found in this model; it has:"),

@@ -59,6 +59,16 @@ def test_bare_train_writes_an_adapter_that_vanilla_peft_loads_and_that_changes_o
     assert generated.exit_code == 0, generated.output
     assert generated.stdout.strip()
 
+    # with the cache moved (the recorded path gone), the run still finds its base offline: the embedded
+    # model rebuilt, not the hub's own weights (a different model, and no hub here)
+    from lora_cli import adapters, models, runs
+
+    manifest = runs.read_manifest(run_dir)
+    manifest["base_model"]["path"] = str(workdir / "moved-away")
+    base_name = adapters.base_of(run_dir, manifest)
+    assert base_name == "smollm2-135m"
+    assert models.resolve_model(base_name).location == str(default_model)
+
 
 def test_default_training_teaches_facts_asked_in_a_new_phrasing(default_model, workdir):
     """The demo: bare `lora train`, then the held-out phrasings, which training never saw."""
