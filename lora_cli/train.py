@@ -156,8 +156,11 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         interrupt.uninstall()
     elapsed = time.perf_counter() - started
     if guard.bad_step is not None:
-        raise LoraError(f"training stopped at step {guard.bad_step}: the loss became NaN or infinite; lower --lr, "
-                        f"use --precision bf16 or fp32; the last good checkpoint is kept in {run_dir / runs.CHECKPOINTS}")
+        # resuming would replay the same steps into the same NaN: the way on is a new start with other settings
+        saved = sorted((run_dir / runs.CHECKPOINTS).glob("checkpoint-*"))
+        kept = f"checkpoints before it are kept in {run_dir / runs.CHECKPOINTS}" if saved else "no checkpoint was saved"
+        raise LoraError(f"training stopped at step {guard.bad_step}: the loss became NaN or infinite ({kept}); "
+                        f"start again with a lower --lr (or --precision fp32) and --overwrite")
     if interrupt.interrupted:
         return TrainResult(run_dir, {"status": "interrupted", "step": trainer.state.global_step}, interrupted=True,
                            model=model)

@@ -155,7 +155,13 @@ def test_nan_loss_stops_the_run_keeps_the_last_checkpoint_and_no_adapter(workdir
     cfg = tiny_config(tiny_model_dir, facts_file, workdir / "run", **{"training.save_steps": 4})
     with pytest.raises(LoraError, match="NaN or infinite") as info:
         train.run(cfg, extra_callbacks=[Diverge()])
-    assert "step 6" in str(info.value)
+    assert "step 6" in str(info.value) and "checkpoints before it are kept" in str(info.value)
+    assert "--overwrite" in str(info.value)  # a resume would replay the same steps into the same NaN
     assert not (workdir / "run" / "adapter_model.safetensors").exists()
     checkpoints = sorted(p.name for p in (workdir / "run" / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-4"]  # the last good one, and nothing saved after the NaN
+
+    # diverging before the first checkpoint: the message does not promise one
+    cfg = tiny_config(tiny_model_dir, facts_file, workdir / "early", **{"training.save_steps": 100})
+    with pytest.raises(LoraError, match="no checkpoint was saved"):
+        train.run(cfg, extra_callbacks=[Diverge()])
