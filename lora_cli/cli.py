@@ -141,7 +141,7 @@ def train(
     save_total_limit: Annotated[Optional[int], typer.Option(help=_help("training.save_total_limit", "Checkpoints kept."))] = None,
     eval_steps: Annotated[Optional[int], typer.Option(help="Evaluate every N steps. (default: with each checkpoint)")] = None,
     logging_steps: Annotated[Optional[int], typer.Option(help=_help("training.logging_steps", "Log every N steps."))] = None,
-    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue the run in --output-dir (or runs/latest) from its newest checkpoint.")] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue the run in --output-dir (or the newest unfinished one) from its newest checkpoint, with its own options.")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a finished run in --output-dir.")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing",
                                                                    help="Recompute activations: less memory, ~15% slower.")] = None,
@@ -181,6 +181,13 @@ def train(
         "model.trust_remote_code": trust_remote_code, "model.allow_pickle_weights": allow_pickle_weights,
     }
     cfg = build_config(config, flags)
+    if cfg.resume:  # the run's own options, as it recorded them when it started
+        from lora_cli import runs
+
+        run_dir = runs.resume_dir(cfg.output_dir)
+        recorded = (runs.read_manifest(run_dir) or {}).get("config")
+        if recorded:
+            cfg = build_config(config, {**flags, "output_dir": str(run_dir)}, recorded=recorded)
     from lora_cli.hub import check_push_target
 
     check_push_target(push_to_hub)
@@ -188,8 +195,8 @@ def train(
 
     result = training.run(cfg)
     if result.interrupted:
-        typer.echo(f"Interrupted at step {result.manifest['step']}; a checkpoint is saved. Continue with the same "
-                   f"command (without --overwrite) plus: --resume --output-dir {result.run_dir}", err=True)
+        typer.echo(f"Interrupted at step {result.manifest['step']}; a checkpoint is saved. Continue with: "
+                   f"lora train --resume --output-dir {result.run_dir}", err=True)
         raise typer.Exit(130)
     if int(os.environ.get("RANK", "0")) != 0:
         return

@@ -261,17 +261,56 @@ _BOOL_KEYS = {"model.int8_backward"}  # true, false, or left out for auto
 _FLOAT_KEYS = {"training.learning_rate", "training.warmup_steps", "data.eval_split", "lora.lora_dropout"}
 
 
-def build_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults < YAML < flags, then validation of the whole; flags left unset are None and ignored."""
+# What a resumed run may change: how long it goes on and how it is watched. Everything else (the model,
+# the adapter's shape, the data, the optimisation) is the run's own, restored from its manifest.
+RESUMABLE = {"training.num_train_epochs", "training.max_steps", "training.save_steps", "training.save_total_limit",
+             "training.logging_steps", "training.eval_steps", "training.report_to"}
+# Never restored: where and how this command runs, and a speed choice made for the machine at hand.
+NOT_RESTORED = {"output_dir", "resume", "overwrite", "model.int8_backward"}
+
+
+def build_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                 recorded: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults < YAML < flags, then validation of the whole; flags left unset are None and ignored.
+
+    `recorded` is the configuration a run started with (`TrainConfig.to_dict()`, from its manifest): a
+    resumed run takes it as it was, and YAML or flags may only change what RESUMABLE lists.
+    """
     cfg = TrainConfig()
     values: dict[str, Any] = load_yaml(config_file) if config_file else {}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if recorded is not None:
+        values = _resumed(values, recorded)
     for key, value in values.items():
         if key not in FLAGS:
             raise ConfigError(f"unknown option '{key}'")
         _set(cfg, key, _coerce(key, value, _get(TrainConfig(), key)))
     validate(cfg)
     return cfg
+
+
+def _resumed(asked: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
+    """The recorded options, with what YAML and flags ask on top; asking to change any other is refused."""
+    restored = {key: _get_dict(recorded, key) for key in FLAGS if key not in NOT_RESTORED}
+    restored = {key: value for key, value in restored.items() if value is not _MISSING}
+    conflicts = [f"{flag(key)} {value!r} (the run has {restored[key]!r})" for key, value in asked.items()
+                 if key in restored and key not in RESUMABLE
+                 and _coerce(key, value, _get(TrainConfig(), key)) != restored[key]]
+    if conflicts:
+        raise ConfigError("--resume continues a run with its own options; drop " + ", ".join(conflicts)
+                          + ", or start a new run without --resume")
+    return {**restored, **asked}
+
+
+_MISSING = object()
+
+
+def _get_dict(data: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return _MISSING
+        data = data[part]
+    return data
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -25,6 +25,18 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def started(cfg: Any, source: Any, world_size: int) -> dict[str, Any]:
+    """The record of a run that has begun: its resolved options, which `--resume` restores."""
+    return {
+        "status": "started",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": cfg.to_dict(),
+        "base_model": {"name": source.name, "path": source.location, "hub_id": source.hub_id,
+                       "revision": cfg.model.revision},
+        "world_size": world_size,
+    }
+
+
 def build(cfg: Any, source: Any, base_params: int, precision: str, quantization: str | None, prepared: Any,
           metrics: dict[str, Any], world_size: int) -> dict[str, Any]:
     """The finished-run record; written last, so its presence with status `finished` marks a whole run."""

@@ -102,11 +102,23 @@ def find_run(spec: str | None, what: str = "adapter") -> Path:
         path = latest_run()
         if path is None:
             raise RunError(f"no {what} named and no {runs_root() / 'latest'} yet; run `lora train` first or name one")
-    if not (path / "adapter_config.json").is_file():
-        raise RunError(f"{path} holds no adapter (adapter_config.json); name a finished run or a PEFT adapter folder")
     if (path / MANIFEST).is_file() and not is_finished(path):
         raise RunError(f"{path} is an unfinished run; finish it with `lora train --resume --output-dir {path}`")
+    if not (path / "adapter_config.json").is_file():
+        raise RunError(f"{path} holds no adapter (adapter_config.json); name a finished run or a PEFT adapter folder")
     return path
+
+
+def resume_dir(output_dir: str | None) -> Path:
+    """The run `--resume` continues: the one named, else the newest unfinished run with a checkpoint."""
+    if output_dir:
+        return Path(output_dir)
+    root = runs_root()
+    unfinished = [p for p in (root.iterdir() if root.is_dir() else ())
+                  if p.is_dir() and not p.is_symlink() and (p / CHECKPOINTS).is_dir() and not is_finished(p)]
+    if not unfinished:
+        raise RunError(f"--resume: no unfinished run with a checkpoint in {root}; name the run with --output-dir")
+    return max(unfinished, key=lambda p: (p / CHECKPOINTS).stat().st_mtime)
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, inputs: tuple[str | None, ...] = ()) -> None:

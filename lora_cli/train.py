@@ -95,6 +95,8 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         PartialState().wait_for_everyone()
     if is_main:  # only now, with data and model known good, does anything get written
         runs.create_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+        if not cfg.resume:  # the options, for --resume; the finished record replaces it at the end
+            runs.write_json_atomic(run_dir / runs.MANIFEST, manifest.started(cfg, source, world_size))
 
     # 4. The Trainer, with the options named as TrainingArguments names them.
     t = cfg.training
@@ -152,6 +154,11 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
                         "to keep the effective batch) or --max-seq-len, or add --use-4bit or --gradient-checkpointing "
                         f"(`lora estimate` shows what fits); checkpoints so far are kept in {run_dir / runs.CHECKPOINTS}"
                         ) from None
+    except RuntimeError as exc:
+        if not (cfg.resume and "size mismatch" in str(exc)):
+            raise
+        raise RunError(f"--resume: the checkpoint in {run_dir / runs.CHECKPOINTS} was made with other options "
+                       "(rank, target modules or model); resume with the options the run started with") from None
     finally:
         interrupt.uninstall()
     elapsed = time.perf_counter() - started
@@ -228,16 +235,8 @@ def _check_reporter(report_to: str) -> None:
 def _agree_on_run_dir(cfg: TrainConfig, world_size: int) -> Path:
     from lora_cli import runs
 
-    if cfg.output_dir:
-        return Path(cfg.output_dir)
-    if cfg.resume:
-        latest = runs.latest_run()
-        if latest is None:
-            raise RunError("--resume: no --output-dir given and no runs/latest to resume")
-        if runs.is_finished(latest):  # runs/latest only ever points at finished runs
-            raise RunError(f"--resume: runs/latest ({latest}) is finished; to train it further, name it with "
-                           "--output-dir, or name the interrupted run's folder")
-        return latest
+    if cfg.output_dir or cfg.resume:
+        return runs.resume_dir(cfg.output_dir)
     name = [str(runs.new_run_dir(cfg.model.name))]
     if world_size > 1:
         from accelerate import PartialState

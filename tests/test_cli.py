@@ -66,7 +66,7 @@ BAD_INPUTS = [
      "--target-modules nope_proj not found in this model; it has:"),
     (["train", "--resume", "--overwrite"], 2, "--resume and --overwrite exclude each other"),
     (["train", "--report-to", "wandb"], 2, "--report-to wandb needs the wandb package"),
-    (["train", "--resume"], 2, "--resume: no --output-dir given and no runs/latest to resume"),
+    (["train", "--resume"], 2, "--resume: no unfinished run with a checkpoint in "),
     (["generate"], 2, "give exactly one of --prompt"),
     (["generate", "--prompt", "hi"], 2, "no adapter named and no"),
     (["generate", "--prompt", "hi", "--adapter", "nowhere"], 2, "nowhere does not exist"),
@@ -131,7 +131,7 @@ def test_bare_resume_never_reopens_a_finished_run(workdir, tiny_model_dir, facts
     assert invoke(*tiny_train_args(tiny_model_dir, facts_file, workdir / "run", "--save-steps", "5")).exit_code == 0
     adapter = (workdir / "run" / "adapter_model.safetensors").read_bytes()
     result = invoke("train", "--model", str(tiny_model_dir), "--data", str(facts_file), "--resume")
-    assert result.exit_code == 2 and "runs/latest" in result.output and "is finished" in result.output
+    assert result.exit_code == 2 and "no unfinished run with a checkpoint" in result.output
     assert (workdir / "run" / "adapter_model.safetensors").read_bytes() == adapter
 
 

@@ -81,7 +81,11 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter(workdir, tiny_model_
     checkpoint_step = int(Path(runs.newest_checkpoint(workdir / "killed")).name.split("-")[1])
     lines_before = len((workdir / "killed" / "train_log.jsonl").read_text().splitlines())
 
-    resumed = run_cli([*args, "--resume"], workdir)
+    # the options are the run's own: a conflicting one is refused, and none need repeating
+    conflicting = run_cli(["train", "--resume", "--output-dir", str(workdir / "killed"), "--rank", "8"], workdir)
+    assert conflicting.returncode == 2 and conflicting.stderr.count("\n") == 1, conflicting.stderr[-2000:]
+    assert "--resume continues a run with its own options; drop --rank 8 (the run has 4)" in conflicting.stderr
+    resumed = run_cli(["train", "--resume", "--output-dir", str(workdir / "killed")], workdir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert runs.is_finished(workdir / "killed")
     # it went on from the checkpoint: starting again from step 0 would give the same adapter
@@ -119,9 +123,25 @@ def test_a_failure_while_saving_leaves_no_adapter(workdir, tiny_model_dir, facts
     with pytest.raises(LoraError, match="simulated"):
         train.run(tiny_config(tiny_model_dir, facts_file, workdir / "run"))
     assert not (workdir / "run" / "adapter_model.safetensors").exists()
-    assert not (workdir / "run" / runs.MANIFEST).exists()
-    with pytest.raises(Exception, match="holds no adapter"):
+    assert runs.read_manifest(workdir / "run")["status"] == "started" and not runs.is_finished(workdir / "run")
+    with pytest.raises(Exception, match="is an unfinished run"):
         runs.find_run(str(workdir / "run"))
+
+
+def test_bare_resume_picks_the_newest_unfinished_run_with_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_RUNS_DIR", str(tmp_path))
+    for name, finished, checkpoint in (("a-old", False, True), ("b-done", True, True), ("c-new", False, True),
+                                       ("d-nothing-saved", False, False)):
+        (tmp_path / name).mkdir()
+        runs.write_json_atomic(tmp_path / name / runs.MANIFEST, {"status": "finished" if finished else "started"})
+        for file in runs.ADAPTER_FILES if finished else ():
+            (tmp_path / name / file).write_text("{}")
+        if checkpoint:
+            (tmp_path / name / runs.CHECKPOINTS).mkdir()
+        time.sleep(0.02)
+    os.utime(tmp_path / "a-old" / runs.CHECKPOINTS, (1, 1))
+    assert runs.resume_dir(None) == tmp_path / "c-new"
+    assert runs.resume_dir(str(tmp_path / "a-old")) == tmp_path / "a-old"  # a named run is taken as named
 
 
 def test_incomplete_checkpoint_is_skipped_on_resume(tmp_path):
