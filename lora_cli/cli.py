@@ -247,6 +247,7 @@ def generate(
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Chat, keeping the history.")] = False,
     prompts_file: Annotated[Optional[Path], typer.Option(help="JSONL of prompts to answer in one go.")] = None,
     output: Annotated[Optional[Path], typer.Option(help="Where --prompts-file answers go (JSONL).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output file.")] = False,
     compare_base: Annotated[bool, typer.Option("--compare", help="Show the base model's answer beside the adapted one.")] = False,
     precision: PrecisionOpt = "auto",
 ) -> None:
@@ -263,6 +264,12 @@ def generate(
         raise ConfigError("--prompts-file needs --output FILE for the answers")
     if prompts_file is not None and not prompts_file.is_file():
         raise ConfigError(f"--prompts-file {prompts_file} does not exist")
+    if output is not None:
+        from lora_cli.runs import check_can_create
+
+        if output.is_dir() or (output.exists() and not overwrite):
+            raise ConfigError(f"--output {output} already exists; name a new file, or pass --overwrite to replace it")
+        check_can_create(output, "--output")
     if compare_base and (model and not adapter):
         raise ConfigError("--compare needs an adapter: it compares the base with base + adapter")
     from lora_cli import adapters

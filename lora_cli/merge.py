@@ -107,6 +107,7 @@ def merge(adapter: str | None = None, output_dir: str | None = None, base: str |
     base_dir = _local_folder(source, None if base else (manifest or {}).get("base_model", {}).get("revision"))
     out = Path(output_dir).expanduser() if output_dir else adapter_dir / "merged"
     _refuse_to_clobber(out, overwrite, adapter_dir, base_dir)
+    runs.check_can_create(out, "--output-dir")
 
     # 2. The weights the adapter was trained against: dequantized NF4/int8 for QLoRA, unless asked otherwise.
     trained = (manifest or {}).get("base_model", {})

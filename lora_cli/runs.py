@@ -128,9 +128,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, inputs: tuple
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"--output-dir {run_dir} is a file; name a folder for the run")
     if not run_dir.exists():
-        ancestor = next(p for p in run_dir.absolute().parents if p.exists())
-        if not (ancestor.is_dir() and os.access(ancestor, os.W_OK | os.X_OK)):
-            raise RunError(f"--output-dir {run_dir} cannot be created: {ancestor} is not a writable folder")
+        check_can_create(run_dir, "--output-dir")
     if resume:
         if not (run_dir / CHECKPOINTS).is_dir():
             raise RunError(f"--resume: {run_dir} has no checkpoints to resume from; start it without --resume")
@@ -149,6 +147,19 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, inputs: tuple
     for spec in inputs:
         if spec and Path(spec).exists() and Path(spec).resolve().is_relative_to(run_dir.resolve()):
             raise RunError(f"--overwrite would delete {spec}, which this run reads; move it out of {run_dir} first")
+
+
+def check_can_create(path: Path, option: str) -> None:
+    """Fail before any work when `path` could not be created: a folder made and removed at once in its
+    nearest existing folder says so (permission bits alone do not: root passes them everywhere)."""
+    ancestor = next(p for p in path.absolute().parents if p.exists())
+    try:
+        if not ancestor.is_dir():
+            raise NotADirectoryError(0, "not a folder")
+        os.rmdir(tempfile.mkdtemp(prefix=".lora-probe-", dir=ancestor))
+    except OSError as exc:
+        raise RunError(f"{option} {path} cannot be created in {ancestor} ({exc.strerror or exc}); "
+                       "pick a folder you can write to") from None
 
 
 def is_run(folder: Path) -> bool:

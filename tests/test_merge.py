@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import FACTS, tiny_train_args
-from lora_cli import merge, models, train
+from lora_cli import cli, merge, models, train
 from lora_cli.errors import LoraError, RunError
 from test_train import tiny_config
 
@@ -289,3 +289,33 @@ def test_bad_merge_input_gets_one_line_and_exit_2(args, message, workdir):
 
     result = CliRunner().invoke(app, ["merge", *args])
     assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_generate_answers_with_the_adapter_in_every_mode(lora_run, tiny_model_dir, tmp_path):
+    """`lora generate` on the run that learned the fact: the adapted answer is the fact, the base's is not."""
+    runner = CliRunner()
+    run = str(lora_run.run_dir)
+    single = runner.invoke(cli.app, ["generate", "--adapter", run, "--prompt", QUESTION, "--max-new-tokens", "20"])
+    assert single.exit_code == 0, single.output
+    assert single.stdout.strip() == ANSWER
+
+    compared = runner.invoke(cli.app, ["generate", "--adapter", run, "--prompt", QUESTION, "--compare",
+                                       "--max-new-tokens", "20"])
+    assert compared.exit_code == 0, compared.output
+    base_line, adapted_line = compared.stdout.strip().splitlines()
+    assert adapted_line == f"[adapted] {ANSWER}" and base_line.startswith("[base] ") and ANSWER not in base_line
+
+    prompts, answers = tmp_path / "prompts.jsonl", tmp_path / "answers.jsonl"
+    prompts.write_text(json.dumps({"prompt": QUESTION, "id": 7}) + "\n")
+    args = ["generate", "--adapter", run, "--prompts-file", str(prompts), "--output", str(answers),
+            "--max-new-tokens", "20"]
+    assert runner.invoke(cli.app, args).exit_code == 0
+    assert [json.loads(line) for line in answers.read_text().splitlines()] == [
+        {"prompt": QUESTION, "id": 7, "response": ANSWER}]
+    # an existing answers file is kept unless --overwrite says otherwise
+    answers.write_text("earlier answers\n")
+    refused = runner.invoke(cli.app, args)
+    assert refused.exit_code == 2 and "--overwrite" in refused.output
+    assert answers.read_text() == "earlier answers\n"
+    assert runner.invoke(cli.app, [*args, "--overwrite"]).exit_code == 0
+    assert json.loads(answers.read_text())["response"] == ANSWER
