@@ -436,5 +436,17 @@ def info(
 
 
 def run() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point. Usage errors (a mistyped option, a value of the wrong type) get one
+    line like every other error, where typer would draw a six-line box."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as exc:  # typer's usage errors come from its private copy of click: matched by shape
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `lora`: typer has printed the help already
+            sys.exit(2)
+        if not (hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)):
+            raise
+        context = getattr(exc, "ctx", None)
+        where = f" (see `{context.command_path} --help`)" if context is not None else ""
+        typer.echo(f"error: {exc.format_message()}{where}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -67,11 +67,11 @@ def load_model_config(model: str):
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(f"Model folder '{model}' has no config.json; point --model at a transformers "
+            raise ConfigError(f"Model folder '{model}' has no config.json; point --model at a transformers "
                              f"model folder or use one of: {choices}.")
         return AutoConfig.from_pretrained(str(path))
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ModelError(f"Model folder '{model}' does not exist; give an existing model folder, a hub id "
+        raise ConfigError(f"Model folder '{model}' does not exist; give an existing model folder, a hub id "
                          f"or one of: {choices}.")
     from lora_cli.models import check_hub
 

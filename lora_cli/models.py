@@ -56,12 +56,12 @@ def resolve_model(name: str | None, revision: str | None = None) -> ModelSource:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(f"--model {name} is a folder without config.json; point it at a transformers model folder")
+            raise ConfigError(f"--model {name} is a folder without config.json; point it at a transformers model folder")
         return ModelSource(name, str(path.resolve()), None, local=True)
     hub_id = SHORT_NAMES.get(name.lower(), name)
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and hub_id.count("/") != 1
     if looks_like_path or hub_id.count("/") > 1:
-        raise ModelError(f"--model {name}: no such folder; give an existing model folder, a hub id or one of: "
+        raise ConfigError(f"--model {name}: no such folder; give an existing model folder, a hub id or one of: "
                          + ", ".join(SHORT_NAMES))
     check_hub(name, hub_id, revision)
     return ModelSource(name, hub_id, hub_id, local=False)

@@ -57,7 +57,7 @@ BAD_INPUTS = [
     (["train", "--data", "facts.jsonl", "--model", "MODEL", "--output-dir", ".", "--overwrite"], 2,
      "--output-dir . holds files that are not a lora run (such as bad.jsonl); pick another folder"),
     (["train", "--data", "empty.jsonl", "--model", "MODEL"], 2, "no rows found"),
-    (["train", "--model", "./no/such/folder"], 1, "no such folder"),
+    (["train", "--model", "./no/such/folder"], 2, "no such folder"),
     (["train", "--model", "not-a-real-org/not-a-real-model"], 1, "not in the local cache and HF_HUB_OFFLINE=1"),
     (["train", "--model", "my model!"], 2, "--model 'my model!' is neither a model folder, a hub id (org/name) nor"),
     (["estimate", "--model", "my model!"], 2, "--model 'my model!' is neither a model folder"),
@@ -88,7 +88,7 @@ BAD_INPUTS = [
     (["merge", "--push-to-hub", "me/merged"], 2, "HF_HUB_OFFLINE=1 forbids uploading"),
     (["estimate", "--rank", "0"], 2, "--rank must be a positive integer, got 0"),
     (["estimate", "--device", "tpu"], 2, "--device must be cuda or cpu"),
-    (["estimate", "--model", "./no/such/folder"], 1, "does not exist"),
+    (["estimate", "--model", "./no/such/folder"], 2, "does not exist"),
     (["estimate", "--model", "llama-7b", "--target-modules", "nope_proj"], 2, "nope_proj"),
     (["info", "nowhere"], 2, "nowhere does not exist"),
 ]
@@ -182,6 +182,17 @@ def test_info_describes_the_latest_run(workdir, tiny_model_dir, facts_file):
     result = invoke("info")
     assert result.exit_code == 0, result.output
     assert "r=4 alpha=8" in result.output and "32 examples (instruction" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--rank", "abc"], "error: Invalid value for '--rank'"),
+    (["train", "--rnak", "4"], "error: No such option: --rnak"),
+    (["bogus"], "error: No such command 'bogus'"),
+])
+def test_usage_errors_get_one_line_too(args, message):
+    result = subprocess.run([sys.executable, "-m", "lora_cli", *args], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(message), result.stderr
 
 
 def test_help_is_instant_and_lists_every_command():

@@ -182,8 +182,8 @@ def test_local_folder_with_config_json_loads(tmp_path):
     assert load_model_config(str(tmp_path)).hidden_size == 576
 
 
-def test_local_folder_without_config_json_raises_model_error(tmp_path):
-    with pytest.raises(ModelError, match="config.json"):
+def test_local_folder_without_config_json_is_bad_input(tmp_path):
+    with pytest.raises(ConfigError, match="config.json"):
         load_model_config(str(tmp_path))
 
 
@@ -232,6 +232,6 @@ def test_hub_id_of_a_short_name_loads_the_shipped_config_offline():
     assert load_model_config("meta-llama/Meta-Llama-3-8B").vocab_size == 128256
 
 
-def test_missing_local_path_raises_model_error_without_asking_the_hub():
-    with pytest.raises(ModelError, match="does not exist"):
+def test_missing_local_path_is_bad_input_without_asking_the_hub():
+    with pytest.raises(ConfigError, match="does not exist"):
         load_model_config("./no/such/model-folder")
