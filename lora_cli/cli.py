@@ -225,6 +225,36 @@ def _train_summary(run_dir: Path, manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _command_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
+    """--config for the commands other than train: a YAML mapping of their options (`max_new_tokens: 64`,
+    `no-general: true`), which become the defaults that flags override (click's `default_map`)."""
+    if value is None:
+        return value
+    import yaml
+
+    if not value.is_file():
+        raise typer.BadParameter(f"file not found: {value}")
+    try:
+        data = yaml.safe_load(value.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        raise typer.BadParameter(f"{value} is not valid YAML") from None
+    if not isinstance(data, dict):
+        raise typer.BadParameter(f"{value} must hold a mapping of option names to values")
+    # every spelling of an option: its flag words (--no-general, --json) and its parameter name
+    names = {opt.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params if p.name != "config"
+             for opt in [*p.opts, p.name] if not opt.startswith("-") or opt.startswith("--")}
+    defaults = {}
+    for key, item in data.items():
+        name = names.get(str(key).replace("-", "_"))
+        if name is None:
+            raise typer.BadParameter(f"unknown key '{key}' in {value}; `lora {ctx.command.name} --help` lists the options")
+        defaults[name] = item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+CommandConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", is_eager=True, callback=_command_config, help="YAML of this command's options; flags override it.")]
 AdapterOpt = Annotated[Optional[str], typer.Option(help="Run or adapter folder. (default: runs/latest)")]
 ModelOpt = Annotated[Optional[str], typer.Option(help="A merged or plain model folder (or hub id); with --adapter, "
                                                      "the base to put it on.")]
@@ -234,6 +264,7 @@ PrecisionOpt = Annotated[str, typer.Option(help="auto, bf16, fp16, fp32.")]
 @app.command()
 @errors_as_one_line
 def generate(
+    config: CommandConfigOpt = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="What to ask.")] = None,
     adapter: AdapterOpt = None,
     model: ModelOpt = None,
@@ -291,6 +322,7 @@ def generate(
 @app.command(name="eval")
 @errors_as_one_line
 def eval_command(
+    config: CommandConfigOpt = None,
     adapter: AdapterOpt = None,
     model: ModelOpt = None,
     data: Annotated[Optional[str], typer.Option(help="Rows to evaluate. (default: the embedded held-out split)")] = None,
@@ -298,6 +330,8 @@ def eval_command(
                                                         "(default: a sample shipped with lora)")] = None,
     no_general: Annotated[bool, typer.Option("--no-general", help="Skip the forgetting check.")] = False,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N rows.")] = None,
+    data_format: Annotated[str, typer.Option("--format", help="instruction, chat, sharegpt, completion, text "
+                                                             "(default: detected from the columns).")] = "auto",
     tasks: Annotated[Optional[str], typer.Option(help="lm-evaluation-harness tasks (comma list), run on base and "
                                                       "adapted; needs the [eval] extra.")] = None,
     include_path: Annotated[Optional[str], typer.Option(help="Folder of local lm-eval task definitions.")] = None,
@@ -322,7 +356,7 @@ def eval_command(
         typer.echo(json.dumps(results, indent=2) if as_json else evaluate.format_harness(results))
         return
     report = evaluate.evaluate(adapter, model, data, None if no_general else (general or "default"), limit,
-                               precision=precision)
+                               precision=precision, data_format=data_format)
     if as_json:
         _print_json(report)
     else:
@@ -332,9 +366,11 @@ def eval_command(
 @app.command()
 @errors_as_one_line
 def merge(
+    config: CommandConfigOpt = None,
     run_or_adapter: Annotated[Optional[str], typer.Argument(help="Run or adapter folder (default: runs/latest).")] = None,
     output_dir: Annotated[Optional[str], typer.Option(help="Where the merged model goes (default: <run>/merged).")] = None,
-    base: Annotated[Optional[str], typer.Option(help="Base model: short name, hub id or folder (default: the run's).")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", "--model", help="Base model: short name, hub id or folder "
+                                                                          "(default: the run's).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (default: the base's stored dtype).")] = None,
     merge_into: Annotated[str, typer.Option(help="dequantized: for a QLoRA/8-bit adapter, the dequantized weights it "
                                                  "was trained against; original: the full-precision weights.")] = "dequantized",

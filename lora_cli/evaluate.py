@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lora_cli.errors import DataError
+from lora_cli.errors import ConfigError, DataError
 from lora_cli.generate import stop_ids
 
 GENERAL_TEXT = "general_text.jsonl"
@@ -120,7 +120,7 @@ def _side(loss: float, em: float | None) -> dict[str, float]:
 
 def evaluate(adapter: str | None = None, model: str | None = None, data: str | None = None,
              general: str | None = "default", limit: int | None = None, max_seq_len: int = 1024,
-             precision: str = "auto") -> dict[str, Any]:
+             precision: str = "auto", data_format: str = "auto") -> dict[str, Any]:
     """Base and adapted side by side on `data` (default: the embedded held-out split)."""
     from lora_cli import adapters, runs
     from lora_cli.data import ASSETS, check_rows, default_data_path, detect_format, read_rows
@@ -131,7 +131,11 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
     spec = data or str(default_data_path("heldout"))
     rows, _ = read_rows(spec)
     rows = rows[:limit] if limit else rows
-    fmt = detect_format(rows, source=f"--data {data}" if data else "the embedded held-out split")
+    from lora_cli.config import FORMATS
+
+    if data_format not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {data_format!r}")
+    fmt = detect_format(rows, data_format, f"--data {data}" if data else "the embedded held-out split")
     general_spec = None
     if general:  # read and checked before the model loads, not after the comparison has run
         general_spec = str(Path(str(ASSETS / "data" / GENERAL_TEXT))) if general == "default" else general

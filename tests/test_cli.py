@@ -175,6 +175,14 @@ def test_eval_json_has_base_and_adapted_side_by_side(workdir, tiny_model_dir, fa
     result = runner.invoke(app, ["eval", "--data", str(facts_file), "--general", str(facts_file)])
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert f"--general {facts_file} row 1 has no 'text'" in result.output
+    # --format names the layout instead of detecting it, from a flag or from --config
+    result = runner.invoke(app, ["eval", "--data", str(facts_file), "--format", "text"])
+    assert result.exit_code == 2 and "--format text needs columns text" in result.output
+    (workdir / "eval.yaml").write_text(f"data: {facts_file}\nformat: completion\nno-general: true\n")
+    result = runner.invoke(app, ["eval", "--config", str(workdir / "eval.yaml")])
+    assert result.exit_code == 2 and "--format completion needs columns prompt, completion" in result.output
+    result = runner.invoke(app, ["eval", "--config", str(workdir / "eval.yaml"), "--format", "text"])
+    assert result.exit_code == 2 and "--format text needs" in result.output  # the flag wins over the file
 
 
 def test_info_describes_the_latest_run(workdir, tiny_model_dir, facts_file):

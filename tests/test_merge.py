@@ -277,6 +277,12 @@ def test_bare_lora_merge_merges_runs_latest(workdir, tiny_model_dir, facts_file)
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "--overwrite" in result.stderr
     result = runner.invoke(app, ["merge", "--json", "--no-check", "--overwrite", "--dtype", "bf16"])
     assert result.exit_code == 0 and json.loads(result.stdout)["dtype"] == "bf16"
+    # the common options: --model names the base as --base does, and --config holds any option
+    (workdir / "merge.yaml").write_text(f"model: {tiny_model_dir}\ndtype: fp16\ncheck: false\noverwrite: true\n")
+    result = runner.invoke(app, ["merge", "--json", "--config", str(workdir / "merge.yaml")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["dtype"] == "fp16" and report["base"] == str(tiny_model_dir)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -304,6 +310,14 @@ def test_generate_answers_with_the_adapter_in_every_mode(lora_run, tiny_model_di
     assert compared.exit_code == 0, compared.output
     base_line, adapted_line = compared.stdout.strip().splitlines()
     assert adapted_line == f"[adapted] {ANSWER}" and base_line.startswith("[base] ") and ANSWER not in base_line
+
+    # the same from a --config file, whose values flags override
+    (tmp_path / "generate.yaml").write_text(f"adapter: {run}\nprompt: Something else entirely?\nmax_new_tokens: 20\n")
+    configured = runner.invoke(cli.app, ["generate", "--config", str(tmp_path / "generate.yaml"), "--prompt", QUESTION])
+    assert configured.exit_code == 0, configured.output
+    assert configured.stdout.strip() == ANSWER
+    (tmp_path / "generate.yaml").write_text("max_new_tokenz: 20\n")
+    assert runner.invoke(cli.app, ["generate", "--config", str(tmp_path / "generate.yaml")]).exit_code == 2
 
     prompts, answers = tmp_path / "prompts.jsonl", tmp_path / "answers.jsonl"
     prompts.write_text(json.dumps({"prompt": QUESTION, "id": 7}) + "\n")
