@@ -179,6 +179,7 @@ def train(
         "training.gradient_checkpointing": gradient_checkpointing, "model.precision": precision,
         "model.int8_backward": int8_backward, "training.report_to": report_to, "model.revision": revision,
         "model.trust_remote_code": trust_remote_code, "model.allow_pickle_weights": allow_pickle_weights,
+        "push_to_hub": push_to_hub,
     }
     cfg = build_config(config, flags)
     if cfg.resume:  # the run's own options, as it recorded them when it started
@@ -190,7 +191,7 @@ def train(
             cfg = build_config(config, {**flags, "output_dir": str(run_dir)}, recorded=recorded)
     from lora_cli.hub import check_push_target
 
-    check_push_target(push_to_hub)
+    check_push_target(cfg.push_to_hub)
     from lora_cli import train as training
 
     result = training.run(cfg)
@@ -200,10 +201,10 @@ def train(
         raise typer.Exit(130)
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    if push_to_hub:
+    if cfg.push_to_hub:
         from lora_cli.hub import push
 
-        typer.echo(f"Uploaded to {push(result.run_dir, push_to_hub, run=True)}", err=True)
+        typer.echo(f"Uploaded to {push(result.run_dir, cfg.push_to_hub, run=True)}", err=True)
     if as_json:
         _print_json(result.manifest)
     else:
@@ -387,7 +388,7 @@ def merge(
     from lora_cli import merge as merging
     from lora_cli.hub import check_push_target
 
-    check_push_target(push_to_hub)
+    check_push_target(cfg.push_to_hub)
     report = merging.merge(run_or_adapter, output_dir, base, dtype, merge_into, overwrite, check)
     if push_to_hub:
         from lora_cli.hub import push

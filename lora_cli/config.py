@@ -112,6 +112,7 @@ class TrainConfig:
     output_dir: str | None = None  # None: runs/<timestamp>-<model>
     resume: bool = False
     overwrite: bool = False
+    push_to_hub: str | None = None  # a hub repository the finished adapter is uploaded to
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,6 +161,7 @@ FLAGS: dict[str, str] = {
     "output_dir": "--output-dir",
     "resume": "--resume",
     "overwrite": "--overwrite",
+    "push_to_hub": "--push-to-hub",
 }
 
 
@@ -264,7 +266,7 @@ _FLOAT_KEYS = {"training.learning_rate", "training.warmup_steps", "data.eval_spl
 # What a resumed run may change: how long it goes on and how it is watched. Everything else (the model,
 # the adapter's shape, the data, the optimisation) is the run's own, restored from its manifest.
 RESUMABLE = {"training.num_train_epochs", "training.max_steps", "training.save_steps", "training.save_total_limit",
-             "training.logging_steps", "training.eval_steps", "training.report_to"}
+             "training.logging_steps", "training.eval_steps", "training.report_to", "push_to_hub"}
 # Never restored: where and how this command runs, and a speed choice made for the machine at hand.
 NOT_RESTORED = {"output_dir", "resume", "overwrite", "model.int8_backward"}
 

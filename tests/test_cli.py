@@ -83,6 +83,7 @@ BAD_INPUTS = [
      "no training row keeps a response token within --max-seq-len 3"),
     (["train", "--push-to-hub", "me/my-adapter"], 2, "HF_HUB_OFFLINE=1 forbids uploading"),
     (["train", "--push-to-hub", "not a repo!"], 2, "is not a repository id"),
+    (["train", "--config", "push.yaml"], 2, "HF_HUB_OFFLINE=1 forbids uploading"),  # from YAML as from the flag
     (["train", "--config", "unknown-key.yaml"], 2, "unknown key 'lora.rank' in unknown-key.yaml (did you mean 'lora.r'?)"),
     (["merge", "nowhere"], 2, "nowhere does not exist"),
     (["merge", "--push-to-hub", "me/merged"], 2, "HF_HUB_OFFLINE=1 forbids uploading"),
@@ -104,6 +105,7 @@ def test_bad_input_gets_one_line_and_leaves_nothing(args, code, message, workdir
     (workdir / "one.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
     (workdir / "notes.txt").write_text("hello\n")
     (workdir / "unknown-key.yaml").write_text("lora:\n  rank: 16\n")
+    (workdir / "push.yaml").write_text("push_to_hub: me/my-adapter\n")
     (workdir / "facts.jsonl").write_text(facts_file.read_text())
     args = [str(tiny_model_dir) if a == "MODEL" else a for a in args]
     before = snapshot(workdir)
