@@ -388,7 +388,7 @@ def merge(
     from lora_cli import merge as merging
     from lora_cli.hub import check_push_target
 
-    check_push_target(cfg.push_to_hub)
+    check_push_target(push_to_hub)
     report = merging.merge(run_or_adapter, output_dir, base, dtype, merge_into, overwrite, check)
     if push_to_hub:
         from lora_cli.hub import push
