@@ -70,19 +70,35 @@ def test_fixed_seed_pins_the_first_losses(trained):
 
 
 def test_only_lora_weights_change(trained, tiny_model_dir):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from lora_cli import models
+    from lora_cli.config import LoraSettings
 
     result, _ = trained
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
-    changed_lora = 0
+    # the adapter as training drew it: same seed, same call (A random, B zero)
+    set_seed(42)
+    start = models.add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                            LoraSettings(r=4, lora_alpha=8), quantized=False, gradient_checkpointing=False)
+    initial = {name: p.detach().clone() for name, p in start.named_parameters() if "lora_" in name}
+    assert initial and all(p.abs().sum() == 0 for n, p in initial.items() if "lora_B" in n)
+    trainable = 0
     for name, param in result.model.named_parameters():
         if "lora_" in name:
-            changed_lora += "lora_B" in name and bool(param.detach().abs().sum() > 0)  # B starts at zero
+            assert param.requires_grad, f"{name} is frozen"
+            assert not torch.equal(param.detach().cpu(), initial[name]), f"{name} never changed"  # A and B both train
+            trainable += param.numel()
             continue
         key = name.replace("base_model.model.", "").replace(".base_layer", "")
         assert torch.equal(param.detach().cpu(), base[key]), f"frozen weight {key} changed"
         assert not param.requires_grad
-    assert changed_lora > 0
+    # r x (in + out) for each of the seven linear layers of every decoder layer, nothing else
+    config = result.model.config
+    hidden, inner = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    per_layer = 4 * ((hidden + q) + 2 * (hidden + kv) + (q + hidden) + 3 * (hidden + inner))
+    assert trainable == result.manifest["metrics"]["trainable_params"] == per_layer * config.num_hidden_layers
 
 
 def test_vanilla_peft_load_reproduces_our_logits(trained, tiny_model_dir):
