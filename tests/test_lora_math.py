@@ -48,3 +48,14 @@ def test_merging_gives_the_same_output_and_weight_w0_plus_scaled_ba():
     torch.testing.assert_close(y, torch.tensor(EXPECTED), atol=1e-6, rtol=0)
     expected_weight = torch.tensor(W0) + 8 * torch.tensor(B) @ torch.tensor(A)
     torch.testing.assert_close(merged.proj.weight.detach(), expected_weight, atol=1e-6, rtol=0)
+
+
+def test_our_merge_arithmetic_gives_the_hand_worked_weight():
+    """lora merge folds adapters in with its own code (lora_cli/merge.py), not peft's: the same numbers."""
+    from lora_cli.merge import Delta
+
+    weight = Delta(torch.tensor(A), torch.tensor(B), scale=16 / 2).apply(torch.tensor(W0))
+    torch.testing.assert_close(weight @ torch.tensor(X), torch.tensor(EXPECTED), atol=1e-6, rtol=0)
+    # an embedding's pair is stored transposed (B A is vocab x hidden only after the transpose)
+    embedding = Delta(torch.tensor(B).T, torch.tensor(A).T, scale=8.0, embedding=True).apply(torch.tensor(W0))
+    torch.testing.assert_close(embedding, weight, atol=1e-6, rtol=0)
