@@ -26,6 +26,8 @@ SHORT_NAMES: dict[str, str] = {
     "llama3-70b": "meta-llama/Meta-Llama-3-70B",
 }
 EMBEDDED = "smollm2-135m"
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 @dataclass
@@ -57,6 +59,9 @@ def resolve_model(name: str | None, revision: str | None = None) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"--model {name} is a folder without config.json; point it at a transformers model folder")
+        if not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
+            raise ConfigError(f"--model {name} holds no weight files ({', '.join(WEIGHT_FILES)}); "
+                              "point it at a complete model folder")
         return ModelSource(name, str(path.resolve()), None, local=True)
     hub_id = SHORT_NAMES.get(name.lower(), name)
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and hub_id.count("/") != 1
@@ -163,7 +168,10 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, revisio
     try:
         tok = AutoTokenizer.from_pretrained(source.location, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the tokenizer of '{source.name}': {_first_line(exc)}") from None
+        if source.local and not any((Path(source.location) / f).is_file() for f in TOKENIZER_FILES):
+            raise ModelError(f"{source.location} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the "
+                             "model's tokenizer files in beside its weights") from None
+        raise ModelError(f"cannot load the tokenizer of '{source.name}': {' '.join(str(exc).split())[:300]}") from None
     if tok.pad_token is None:
         # Reuse an existing token rather than add one: a new token means resizing the embeddings.
         # Labels are built before padding, so pad == eos never masks the real EOS.

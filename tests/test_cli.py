@@ -59,6 +59,8 @@ BAD_INPUTS = [
     (["train", "--data", "empty.jsonl", "--model", "MODEL"], 2, "no rows found"),
     (["train", "--model", "./no/such/folder"], 2, "no such folder"),
     (["train", "--model", "not-a-real-org/not-a-real-model"], 1, "not in the local cache and HF_HUB_OFFLINE=1"),
+    (["train", "--data", "facts.jsonl", "--model", "noweights"], 2, "--model noweights holds no weight files"),
+    (["train", "--data", "facts.jsonl", "--model", "notokenizer"], 1, "notokenizer holds no tokenizer (tokenizer.json"),
     (["train", "--model", "my model!"], 2, "--model 'my model!' is neither a model folder, a hub id (org/name) nor"),
     (["estimate", "--model", "my model!"], 2, "--model 'my model!' is neither a model folder"),
     (["train", "--model", "llama-7b", "--rank", "8", "--use-4bit"], 1, "model 'llama-7b' (huggyllama/llama-7b)"),
@@ -106,6 +108,11 @@ def test_bad_input_gets_one_line_and_leaves_nothing(args, code, message, workdir
     (workdir / "notes.txt").write_text("hello\n")
     (workdir / "unknown-key.yaml").write_text("lora:\n  rank: 16\n")
     (workdir / "push.yaml").write_text("push_to_hub: me/my-adapter\n")
+    for folder, files in (("noweights", ["config.json", "tokenizer.json", "tokenizer_config.json"]),
+                          ("notokenizer", ["config.json", "model.safetensors"])):
+        (workdir / folder).mkdir()
+        for name in files:
+            (workdir / folder / name).write_bytes((tiny_model_dir / name).read_bytes())
     (workdir / "facts.jsonl").write_text(facts_file.read_text())
     args = [str(tiny_model_dir) if a == "MODEL" else a for a in args]
     before = snapshot(workdir)
