@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -233,3 +234,34 @@ def test_tasks_without_the_eval_extra_says_how_to_install_it(workdir, tiny_model
     assert invoke(*tiny_train_args(tiny_model_dir, facts_file, workdir / "run")).exit_code == 0
     result = invoke("eval", "--tasks", "hellaswag")
     assert result.exit_code == 2 and 'pip install ".[eval]"' in result.output
+
+
+def test_push_sends_the_adapter_and_never_the_checkpoints(workdir, tiny_model_dir, facts_file, monkeypatch):
+    """The hub is out of reach here: a stand-in for HfApi records what upload_folder would select from
+    the real run folder, with huggingface_hub's own pattern matching."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from lora_cli import hub
+
+    out = workdir / "run"
+    assert invoke(*tiny_train_args(tiny_model_dir, facts_file, out, "--save-steps", "5")).exit_code == 0
+    assert any((out / "checkpoints").rglob("adapter_model.safetensors"))
+    sent = {}
+
+    class RecordingApi:
+        def create_repo(self, repo_id, **kwargs):
+            sent["private"] = kwargs.get("private")
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, folder_path, repo_id, allow_patterns=None, ignore_patterns=None):
+            files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+            sent["files"] = sorted(filter_repo_objects(files, allow_patterns=allow_patterns,
+                                                       ignore_patterns=ignore_patterns))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert hub.push(out, "me/my-adapter", run=True) == "https://huggingface.co/me/my-adapter"
+    assert sent["private"] is True
+    assert {"adapter_config.json", "adapter_model.safetensors", "lora_run.json", "tokenizer.json"} <= set(sent["files"])
+    assert not [f for f in sent["files"] if f.startswith("checkpoints/") or f.startswith(".")], sent["files"]

@@ -225,3 +225,35 @@ def test_a_damaged_cache_entry_is_tokenized_again(tokenizer, tmp_path, monkeypat
     for arrow in (entry / "train").glob("*.arrow"):
         arrow.write_bytes(b"not arrow")
     assert _prepare(rows, tokenizer).train.to_list() == first.train.to_list()
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(alpaca_tokenizer):
+    """The tiny tokenizer made to add BOS itself, as LLaMA's does (the others here add nothing)."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(alpaca_tokenizer)
+    bos = (tok.bos_token, tok.bos_token_id)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos[0]} $A", special_tokens=[bos])
+    assert tok("a")["input_ids"][0] == tok.bos_token_id
+    return tok
+
+
+@pytest.mark.parametrize("row, fmt", [({"instruction": "Name a colour.", "output": "Red."}, "instruction"),
+                                      ({"prompt": "2+2=", "completion": "4"}, "completion"),
+                                      ({"text": "Paris is in France."}, "text")])
+def test_a_tokenizer_that_adds_bos_gets_exactly_one_untrained_bos(bos_tokenizer, row, fmt):
+    renderer = Renderer(bos_tokenizer)
+    example = tokenize(renderer.render(row, fmt, "r"), bos_tokenizer, 512, False)
+    ids = example["input_ids"]
+    assert ids[0] == bos_tokenizer.bos_token_id and ids.count(bos_tokenizer.bos_token_id) == 1
+    assert example["labels"][0] == IGNORE_INDEX
+    # the same tokens the tokenizer gives the text on its own (it adds the BOS there itself)
+    body = renderer.render(row, fmt, "r").text.removeprefix(bos_tokenizer.bos_token)
+    assert ids == bos_tokenizer(body)["input_ids"]
+    # and the prompt for generation starts the same way training did
+    if fmt == "instruction":
+        prompt = renderer.prompt([{"role": "user", "content": row["instruction"]}])
+        assert prompt.startswith(bos_tokenizer.bos_token) and body.startswith(prompt[len(bos_tokenizer.bos_token):])

@@ -398,13 +398,13 @@ def test_the_int8_choice_follows_the_cpus_timing_and_is_kept_beside_the_bf16_one
         return torch._int_mm(values, weight_int8).mul(row_scale).mul_(column_scale)
 
     speedup = best_of_seven(lambda: grad @ weight) / best_of_seven(int8)
-    if 1.2 < speedup < 1.9:
+    if 1.3 < speedup < 1.7:
         pytest.skip(f"int8 is {speedup:.2f}x fp32 here, too near the 1.5x line for one timing to settle it")
     cpu.int8_beats_fp32.cache_clear()
     try:
-        assert cpu.int8_beats_fp32() is (speedup >= 1.9), speedup
+        assert cpu.int8_beats_fp32() is (speedup >= 1.7), speedup
         known = json.loads((tmp_path / cpu.PRECISION_FILE).read_text())
         (key,) = [k for k in known if k.startswith("int8 input gradients | ")]
-        assert known[key] is (speedup >= 1.9)
+        assert known[key] is (speedup >= 1.7)
     finally:
         cpu.int8_beats_fp32.cache_clear()
