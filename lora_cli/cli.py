@@ -189,6 +189,10 @@ def train(
         recorded = (runs.read_manifest(run_dir) or {}).get("config")
         if recorded:
             cfg = build_config(config, {**flags, "output_dir": str(run_dir)}, recorded=recorded)
+        elif run_dir.is_dir():
+            logging.getLogger("lora_cli").warning(
+                "%s records no options (an older lora made it): resuming with the options given now, which "
+                "must be the ones it started with", run_dir)
     from lora_cli.hub import check_push_target
 
     check_push_target(cfg.push_to_hub)
@@ -241,15 +245,20 @@ def _command_config(ctx: typer.Context, param: typer.CallbackParam, value: Optio
         raise typer.BadParameter(f"{value} is not valid YAML") from None
     if not isinstance(data, dict):
         raise typer.BadParameter(f"{value} must hold a mapping of option names to values")
-    # every spelling of an option: its flag words (--no-general, --json) and its parameter name
-    names = {opt.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params if p.name != "config"
+    # every spelling of an option: its flag words (--no-general, --json), its parameter name, and the
+    # off side of an on/off switch (no-check: true is check: false)
+    names = {opt.lstrip("-").replace("-", "_"): (p.name, False) for p in ctx.command.params if p.name != "config"
              for opt in [*p.opts, p.name] if not opt.startswith("-") or opt.startswith("--")}
+    names.update({opt.lstrip("-").replace("-", "_"): (p.name, True) for p in ctx.command.params
+                  for opt in getattr(p, "secondary_opts", []) if opt.startswith("--")})
     defaults = {}
     for key, item in data.items():
-        name = names.get(str(key).replace("-", "_"))
+        name, inverted = names.get(str(key).replace("-", "_"), (None, False))
         if name is None:
             raise typer.BadParameter(f"unknown key '{key}' in {value}; `lora {ctx.command.name} --help` lists the options")
-        defaults[name] = item
+        if isinstance(item, (dict, list)) or (inverted and not isinstance(item, bool)):
+            raise typer.BadParameter(f"'{key}' in {value} must be a single value, got {item!r}")
+        defaults[name] = (not item) if inverted else item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
@@ -299,7 +308,9 @@ def generate(
     if output is not None:
         from lora_cli.runs import check_can_create
 
-        if output.is_dir() or (output.exists() and not overwrite):
+        if output.is_dir():
+            raise ConfigError(f"--output {output} is a folder; name a file for the answers")
+        if output.exists() and not overwrite:
             raise ConfigError(f"--output {output} already exists; name a new file, or pass --overwrite to replace it")
         check_can_create(output, "--output")
     if compare_base and (model and not adapter):

@@ -117,6 +117,27 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_record(self) -> dict[str, Any]:
+        """to_dict with local paths made absolute: what the manifest keeps, so that `--resume` finds
+        the model and the data from any working directory."""
+        record = self.to_dict()
+        for key in PATH_KEYS:
+            section, name = key.split(".")
+            record[section][name] = absolute_if_local(record[section][name])
+        return record
+
+
+# Options that may name local files or folders (a model name may also be a hub id or a short name).
+PATH_KEYS = ("model.name", "data.path", "data.eval_data")
+
+
+def absolute_if_local(value: Any) -> Any:
+    """An existing local path made absolute; anything else (a hub id, a short name, None) as it is."""
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
 
 # The command-line word for each field, used for flags and in every error message.
 FLAGS: dict[str, str] = {
@@ -267,8 +288,9 @@ _FLOAT_KEYS = {"training.learning_rate", "training.warmup_steps", "data.eval_spl
 # the adapter's shape, the data, the optimisation) is the run's own, restored from its manifest.
 RESUMABLE = {"training.num_train_epochs", "training.max_steps", "training.save_steps", "training.save_total_limit",
              "training.logging_steps", "training.eval_steps", "training.report_to", "push_to_hub"}
-# Never restored: where and how this command runs, and a speed choice made for the machine at hand.
-NOT_RESTORED = {"output_dir", "resume", "overwrite", "model.int8_backward"}
+# Never restored: where and how this command runs, a speed choice made for the machine at hand, and an
+# upload (asked again where wanted: a resume offline must not fail on it).
+NOT_RESTORED = {"output_dir", "resume", "overwrite", "model.int8_backward", "push_to_hub"}
 
 
 def build_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
@@ -295,6 +317,7 @@ def _resumed(asked: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
     """The recorded options, with what YAML and flags ask on top; asking to change any other is refused."""
     restored = {key: _get_dict(recorded, key) for key in FLAGS if key not in NOT_RESTORED}
     restored = {key: value for key, value in restored.items() if value is not _MISSING}
+    asked = {key: absolute_if_local(value) if key in PATH_KEYS else value for key, value in asked.items()}
     conflicts = [f"{flag(key)} {value!r} (the run has {restored[key]!r})" for key, value in asked.items()
                  if key in restored and key not in RESUMABLE
                  and _coerce(key, value, _get(TrainConfig(), key)) != restored[key]]

@@ -420,9 +420,12 @@ def _check_split(rows: int, share: float) -> None:
 
 
 def _code_version() -> str:
-    """A hash of this module's source, which holds all the reading, rendering and tokenizing: any change
-    to it gives new cache keys, so a cached dataset never outlives the code that made it."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    """A hash of this module's source, which holds all the reading, rendering and tokenizing, and of the
+    Alpaca template it renders with: any change to them gives new cache keys, so a cached dataset never
+    outlives the code that made it."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update((ASSETS / "templates" / "alpaca.json").read_bytes())
+    return digest.hexdigest()
 
 
 def _fingerprint(identity: dict[str, Any], fmt: str, renderer: Renderer, data_cfg: Any) -> str | None:

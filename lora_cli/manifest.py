@@ -30,7 +30,7 @@ def started(cfg: Any, source: Any, world_size: int) -> dict[str, Any]:
     return {
         "status": "started",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": cfg.to_dict(),
+        "config": cfg.to_record(),
         "base_model": {"name": source.name, "path": source.location, "hub_id": source.hub_id,
                        "revision": cfg.model.revision},
         "world_size": world_size,
@@ -45,7 +45,7 @@ def build(cfg: Any, source: Any, base_params: int, precision: str, quantization:
     return {
         "status": "finished",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": cfg.to_dict(),
+        "config": cfg.to_record(),
         "base_model": {
             "name": source.name,
             "path": source.location,

@@ -115,7 +115,8 @@ def resume_dir(output_dir: str | None) -> Path:
         return Path(output_dir)
     root = runs_root()
     unfinished = [p for p in (root.iterdir() if root.is_dir() else ())
-                  if p.is_dir() and not p.is_symlink() and (p / CHECKPOINTS).is_dir() and not is_finished(p)]
+                  if p.is_dir() and not p.is_symlink() and not is_finished(p)
+                  and any(checkpoint_is_complete(c) for c in (p / CHECKPOINTS).glob("checkpoint-*"))]
     if not unfinished:
         raise RunError(f"--resume: no unfinished run with a checkpoint in {root}; name the run with --output-dir")
     return max(unfinished, key=lambda p: (p / CHECKPOINTS).stat().st_mtime)
@@ -137,13 +138,16 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, inputs: tuple
     if not (run_dir.exists() and any(run_dir.iterdir())):
         return
     if not is_run(run_dir):
-        example = sorted(p.name for p in run_dir.iterdir())[0]
+        example = foreign_entry(run_dir) or sorted(p.name for p in run_dir.iterdir())[0]
         raise RunError(f"--output-dir {run_dir} holds files that are not a lora run (such as {example}); pick another "
                        "folder (--overwrite only replaces runs)")
     if not overwrite:
         state = "a finished run" if is_finished(run_dir) else "an unfinished run"
         fix = "--overwrite" if is_finished(run_dir) else "--resume to continue it, or --overwrite"
         raise RunError(f"--output-dir {run_dir} already holds {state}; pick another folder or pass {fix}")
+    if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
+        raise RunError(f"--overwrite would delete {run_dir}, the folder this command runs in; run it from "
+                       "elsewhere or pick another --output-dir")
     for spec in inputs:
         if spec and Path(spec).exists() and Path(spec).resolve().is_relative_to(run_dir.resolve()):
             raise RunError(f"--overwrite would delete {spec}, which this run reads; move it out of {run_dir} first")
@@ -162,9 +166,29 @@ def check_can_create(path: Path, option: str) -> None:
                        "pick a folder you can write to") from None
 
 
+# What lora writes into a run folder (the adapter, the tokenizer peft saves beside it, the log, the plot,
+# checkpoints, a merge inside the run and their temporary names). --overwrite replaces only such folders.
+RUN_ENTRIES = (MANIFEST, TRAIN_LOG, CHECKPOINTS, "adapter_*", "tokenizer*", "special_tokens_map.json",
+               "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt", "loss_curve.png",
+               "README.md", "merged", "merged.tmp-*", ".merged.old-*", ".adapter.tmp", "*.tmp")
+
+
 def is_run(folder: Path) -> bool:
-    """Whether lora train made this folder: it holds a manifest, a training log or checkpoints."""
-    return any((folder / name).exists() for name in (MANIFEST, TRAIN_LOG, CHECKPOINTS))
+    """Whether lora train made this folder: a manifest, a training log or checkpoints, and nothing else
+    than what a run writes (so that --overwrite never deletes anything of the user's)."""
+    import fnmatch
+
+    entries = [p.name for p in folder.iterdir()]
+    return any(name in entries for name in (MANIFEST, TRAIN_LOG, CHECKPOINTS)) and \
+        all(any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_ENTRIES) for name in entries)
+
+
+def foreign_entry(folder: Path) -> str | None:
+    """The first entry of `folder` that a run does not write, if any."""
+    import fnmatch
+
+    return next((p.name for p in sorted(folder.iterdir())
+                 if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in RUN_ENTRIES)), None)
 
 
 def create_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:

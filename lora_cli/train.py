@@ -95,7 +95,8 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         PartialState().wait_for_everyone()
     if is_main:  # only now, with data and model known good, does anything get written
         runs.create_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
-        if not cfg.resume:  # the options, for --resume; the finished record replaces it at the end
+        # the options, for --resume (kept when resuming); the finished record replaces it at the end
+        if not cfg.resume or runs.read_manifest(run_dir) is None:
             runs.write_json_atomic(run_dir / runs.MANIFEST, manifest.started(cfg, source, world_size))
 
     # 4. The Trainer, with the options named as TrainingArguments names them.

@@ -57,6 +57,8 @@ BAD_INPUTS = [
      "--output-dir notes.txt is a file"),
     (["train", "--data", "facts.jsonl", "--model", "MODEL", "--output-dir", ".", "--overwrite"], 2,
      "--output-dir . holds files that are not a lora run (such as bad.jsonl); pick another folder"),
+    (["train", "--data", "facts.jsonl", "--model", "MODEL", "--output-dir", "project", "--overwrite"], 2,
+     "--output-dir project holds files that are not a lora run (such as src); pick another folder"),
     (["train", "--data", "empty.jsonl", "--model", "MODEL"], 2, "no rows found"),
     (["train", "--model", "./no/such/folder"], 2, "no such folder"),
     (["train", "--model", "not-a-real-org/not-a-real-model"], 1, "not in the local cache and HF_HUB_OFFLINE=1"),
@@ -109,6 +111,9 @@ def test_bad_input_gets_one_line_and_leaves_nothing(args, code, message, workdir
     (workdir / "notes.txt").write_text("hello\n")
     (workdir / "unknown-key.yaml").write_text("lora:\n  rank: 16\n")
     (workdir / "push.yaml").write_text("push_to_hub: me/my-adapter\n")
+    (workdir / "project" / "checkpoints").mkdir(parents=True)  # a folder of the user's that merely looks like a run
+    (workdir / "project" / "src").mkdir()
+    (workdir / "project" / "src" / "main.py").write_text("precious\n")
     for folder, files in (("noweights", ["config.json", "tokenizer.json", "tokenizer_config.json"]),
                           ("notokenizer", ["config.json", "model.safetensors"])):
         (workdir / folder).mkdir()
@@ -125,7 +130,7 @@ def test_bad_input_gets_one_line_and_leaves_nothing(args, code, message, workdir
     assert snapshot(workdir) == before  # nothing created, nothing changed
 
 
-def test_finished_run_survives_a_second_train_into_the_same_folder(workdir, tiny_model_dir, facts_file):
+def test_finished_run_survives_a_second_train_into_the_same_folder(workdir, tiny_model_dir, facts_file, monkeypatch):
     out = workdir / "run"
     assert invoke(*tiny_train_args(tiny_model_dir, facts_file, out)).exit_code == 0
     adapter = (out / "adapter_model.safetensors").read_bytes()
@@ -139,8 +144,15 @@ def test_finished_run_survives_a_second_train_into_the_same_folder(workdir, tiny
     inside = out / "my_data.jsonl"
     inside.write_text(facts_file.read_text())
     result = invoke(*tiny_train_args(tiny_model_dir, inside, out, "--overwrite"))
-    assert result.exit_code == 2 and "--overwrite would delete" in result.output and "which this run reads" in result.output
+    assert result.exit_code == 2 and "holds files that are not a lora run (such as my_data.jsonl)" in result.output
     assert inside.read_text() == facts_file.read_text() and runs.is_finished(out)
+    inside.unlink()
+
+    # nor the folder it runs in
+    monkeypatch.chdir(out)
+    result = invoke(*tiny_train_args(tiny_model_dir, facts_file, Path("."), "--overwrite"))
+    assert result.exit_code == 2 and "the folder this command runs in" in result.output
+    assert runs.is_finished(out)
 
 
 def test_bare_resume_never_reopens_a_finished_run(workdir, tiny_model_dir, facts_file):

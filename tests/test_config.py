@@ -55,3 +55,25 @@ def test_malformed_yaml_is_a_config_error(tmp_path):
 def test_every_shipped_recipe_is_valid_and_starts_with_its_command(path):
     build_config(path)
     assert path.read_text().startswith("# lora train --config configs/" + path.name)
+
+
+def test_resume_restores_the_recorded_options_and_refuses_others(tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    model.mkdir()
+    recorded = TrainConfig()
+    recorded.model.name, recorded.lora.r, recorded.push_to_hub = "./model", 4, "me/adapter"
+    recorded.training.learning_rate = 5e-3
+    monkeypatch.chdir(tmp_path)
+    record = recorded.to_record()
+    assert record["model"]["name"] == str(model.resolve())  # kept absolute: resumable from anywhere
+    assert record["data"]["path"] is None  # the embedded dataset, not a path
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = build_config(None, {"training.max_steps": 9}, recorded=record)
+    assert (cfg.lora.r, cfg.training.learning_rate, cfg.training.max_steps) == (4, 5e-3, 9)
+    assert cfg.push_to_hub is None  # an upload is asked again, not restored
+    assert build_config(None, {"model.name": "../model"}, recorded=record).model.name == str(model.resolve())
+    with pytest.raises(ConfigError, match=r"drop --rank 8 \(the run has 4\)"):
+        build_config(None, {"lora.r": 8}, recorded=record)

@@ -216,6 +216,18 @@ def test_a_second_run_on_the_same_data_reads_the_tokens_from_the_cache(tokenizer
     assert len(calls) == 4
 
 
+def test_the_code_version_covers_the_alpaca_template(tmp_path, monkeypatch):
+    import shutil
+
+    before = data._code_version()
+    shutil.copytree(data.ASSETS, tmp_path / "assets")
+    monkeypatch.setattr(data, "ASSETS", tmp_path / "assets")
+    assert data._code_version() == before
+    template = tmp_path / "assets" / "templates" / "alpaca.json"
+    template.write_text(template.read_text().replace("Instruction", "Task"))
+    assert data._code_version() != before
+
+
 def test_a_damaged_cache_entry_is_tokenized_again(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path / "cache"))
     rows = tmp_path / "rows.jsonl"

@@ -282,7 +282,7 @@ def test_bare_lora_merge_merges_runs_latest(workdir, tiny_model_dir, facts_file)
     result = runner.invoke(app, ["merge", "--json", "--no-check", "--overwrite", "--dtype", "bf16"])
     assert result.exit_code == 0 and json.loads(result.stdout)["dtype"] == "bf16"
     # the common options: --model names the base as --base does, and --config holds any option
-    (workdir / "merge.yaml").write_text(f"model: {tiny_model_dir}\ndtype: fp16\ncheck: false\noverwrite: true\n")
+    (workdir / "merge.yaml").write_text(f"model: {tiny_model_dir}\ndtype: fp16\nno-check: true\noverwrite: true\n")
     result = runner.invoke(app, ["merge", "--json", "--config", str(workdir / "merge.yaml")])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

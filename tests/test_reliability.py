@@ -130,14 +130,21 @@ def test_a_failure_while_saving_leaves_no_adapter(workdir, tiny_model_dir, facts
 
 def test_bare_resume_picks_the_newest_unfinished_run_with_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_RUNS_DIR", str(tmp_path))
+    from safetensors.torch import save_file
+
+    # d: failed before its first checkpoint (the Trainer makes checkpoints/ at once), newest of all
     for name, finished, checkpoint in (("a-old", False, True), ("b-done", True, True), ("c-new", False, True),
-                                       ("d-nothing-saved", False, False)):
-        (tmp_path / name).mkdir()
+                                       ("d-failed-early", False, False)):
+        (tmp_path / name / runs.CHECKPOINTS).mkdir(parents=True)
         runs.write_json_atomic(tmp_path / name / runs.MANIFEST, {"status": "finished" if finished else "started"})
         for file in runs.ADAPTER_FILES if finished else ():
             (tmp_path / name / file).write_text("{}")
         if checkpoint:
-            (tmp_path / name / runs.CHECKPOINTS).mkdir()
+            saved = tmp_path / name / runs.CHECKPOINTS / "checkpoint-4"
+            saved.mkdir()
+            for file in ("trainer_state.json", "optimizer.pt", "scheduler.pt"):
+                (saved / file).write_text("{}")
+            save_file({"a": torch.zeros(2)}, str(saved / "adapter_model.safetensors"))
         time.sleep(0.02)
     os.utime(tmp_path / "a-old" / runs.CHECKPOINTS, (1, 1))
     assert runs.resume_dir(None) == tmp_path / "c-new"
