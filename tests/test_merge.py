@@ -43,6 +43,17 @@ def qlora_run(tiny_model_dir, fact_file, tmp_path_factory) -> train.TrainResult:
     return _train(tiny_model_dir, fact_file, tmp_path_factory.mktemp("qlora") / "run", **{"model.use_4bit": True})
 
 
+@pytest.fixture(scope="module")
+def dora_run(tiny_model_dir, fact_file, tmp_path_factory) -> train.TrainResult:
+    return _train(tiny_model_dir, fact_file, tmp_path_factory.mktemp("dora") / "run", **{"lora.use_dora": True})
+
+
+@pytest.fixture(scope="module")
+def int8_run(tiny_model_dir, fact_file, tmp_path_factory) -> train.TrainResult:
+    pytest.importorskip("bitsandbytes")
+    return _train(tiny_model_dir, fact_file, tmp_path_factory.mktemp("int8") / "run", **{"model.use_8bit": True})
+
+
 def run_merge(adapter: Path, out: Path, **kwargs) -> dict:
     args = {"base": None, "dtype": None, "merge_into": "dequantized", "overwrite": False, "check": True, **kwargs}
     return merge.merge(str(adapter), str(out), **args)
@@ -230,11 +241,12 @@ def test_merge_into_dequantized_follows_how_the_run_was_quantized(quantization, 
     assert (logits(plain(tmp_path / "merged")) - original).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("kind", ["lora", "qlora"])
-def test_a_trained_fact_survives_merging(kind, lora_run, qlora_run, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["lora", "qlora", "dora", "int8"])
+def test_a_trained_fact_survives_merging(kind, request, tiny_model_dir, tmp_path):
+    """Trained through `lora train` in each mode (4-bit, DoRA, 8-bit base), then merged."""
     from transformers import AutoTokenizer
 
-    result = lora_run if kind == "lora" else qlora_run
+    result = request.getfixturevalue(f"{kind}_run")
     tokenizer = AutoTokenizer.from_pretrained(result.run_dir)
     assert greedy(plain(tiny_model_dir), tokenizer, QUESTION) != ANSWER  # the base does not know it
     assert greedy(result.model, tokenizer, QUESTION) == ANSWER
