@@ -349,3 +349,19 @@ def test_generate_answers_with_the_adapter_in_every_mode(lora_run, tiny_model_di
     assert answers.read_text() == "earlier answers\n"
     assert runner.invoke(cli.app, [*args, "--overwrite"]).exit_code == 0
     assert json.loads(answers.read_text())["response"] == ANSWER
+
+
+@pytest.mark.parametrize("change, message", [({"num_hidden_layers": 1}, "which the base does not have"),
+                                             ({"intermediate_size": 96}, "the shape [64, 128] but the base has [64, 96]")])
+def test_merging_into_another_base_is_refused_and_writes_nothing(change, message, lora_run, tiny_model_dir, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    for key, value in change.items():
+        setattr(config, key, value)
+    other = tmp_path / "other-base"
+    LlamaForCausalLM(config).save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
+    with pytest.raises(LoraError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        run_merge(lora_run.run_dir, tmp_path / "merged", base=str(other))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other-base"]  # no output, no temporary folder
