@@ -309,7 +309,8 @@ def _check_targets(plan: Plan, layout: Layout, config: dict[str, Any], adapter_d
             got = list(plan.replace[key].shape)
         if got != layout.shapes[key]:
             raise ModelError(f"the adapter {adapter_dir} gives {key} the shape {got} but the base has "
-                             f"{layout.shapes[key]}: is --base the model it was trained on (or were its embeddings resized?)")
+                             f"{layout.shapes[key]}: is --base the model it was trained on "
+                             "(or were its embeddings resized?)")
 
 
 def quantized_weight_keys(base_dir: Path) -> set[str]:
