@@ -297,7 +297,7 @@ def build_config(config_file: str | Path | None = None, overrides: dict[str, Any
                  recorded: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults < YAML < flags, then validation of the whole; flags left unset are None and ignored.
 
-    `recorded` is the configuration a run started with (`TrainConfig.to_dict()`, from its manifest): a
+    `recorded` is the configuration a run started with (`TrainConfig.to_record()`, from its manifest): a
     resumed run takes it as it was, and YAML or flags may only change what RESUMABLE lists.
     """
     cfg = TrainConfig()

@@ -176,11 +176,8 @@ RUN_ENTRIES = (MANIFEST, TRAIN_LOG, CHECKPOINTS, "adapter_*", "tokenizer*", "spe
 def is_run(folder: Path) -> bool:
     """Whether lora train made this folder: a manifest, a training log or checkpoints, and nothing else
     than what a run writes (so that --overwrite never deletes anything of the user's)."""
-    import fnmatch
-
-    entries = [p.name for p in folder.iterdir()]
-    return any(name in entries for name in (MANIFEST, TRAIN_LOG, CHECKPOINTS)) and \
-        all(any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_ENTRIES) for name in entries)
+    return any((folder / name).exists() for name in (MANIFEST, TRAIN_LOG, CHECKPOINTS)) and \
+        foreign_entry(folder) is None
 
 
 def foreign_entry(folder: Path) -> str | None:

@@ -38,6 +38,19 @@ def _lora_model(model_dir, attention="sdpa", targets=("q_proj", "v_proj")):
     return model
 
 
+def _best_of_seven(run):
+    """The test's own timing (not lora's): the fastest of seven runs after a first that builds the kernel."""
+    import time
+
+    run()
+    times = []
+    for _ in range(7):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
 def _lora_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -180,8 +193,6 @@ def test_the_memory_estimate_knows_what_the_loss_does():
 
 def test_auto_precision_on_a_cpu_is_the_dtype_it_multiplies_faster(tmp_path, monkeypatch):
     """AVX512-BF16 without AMX ran bf16 matmuls at 0.6x fp32's rate and training 1.6x slower: flags alone mislead."""
-    import time
-
     from lora_cli import cpu
     from lora_cli.models import resolve_precision
 
@@ -190,17 +201,11 @@ def test_auto_precision_on_a_cpu_is_the_dtype_it_multiplies_faster(tmp_path, mon
     monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path))  # a fresh timing, not an answer remembered earlier
     cpu.bf16_beats_fp32.cache_clear()
 
-    def best_of_seven(dtype):
+    def matmul(dtype):
         a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-        a @ b
-        times = []
-        for _ in range(7):
-            started = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - started)
-        return min(times)
+        return lambda: a @ b
 
-    ratio = best_of_seven(torch.bfloat16) / best_of_seven(torch.float32)
+    ratio = _best_of_seven(matmul(torch.bfloat16)) / _best_of_seven(matmul(torch.float32))
     if 0.67 < ratio < 1.5:
         pytest.skip(f"bf16 and fp32 run at similar rates on this CPU (time ratio {ratio:.2f}): either choice is fine")
     try:
@@ -375,7 +380,6 @@ def test_int8_input_gradients_apply_where_they_can_and_auto_follows_the_cpus_tim
 
 def test_the_int8_choice_follows_the_cpus_timing_and_is_kept_beside_the_bf16_one(tmp_path, monkeypatch):
     import json
-    import time
 
     from lora_cli import cpu
     from lora_cli.int8_backward import quantize
@@ -384,20 +388,11 @@ def test_the_int8_choice_follows_the_cpus_timing_and_is_kept_beside_the_bf16_one
     grad, weight = torch.randn(512, 1536), torch.randn(1536, 576)
     weight_int8, column_scale = quantize(weight, dim=0)
 
-    def best_of_seven(run):
-        run()
-        times = []
-        for _ in range(7):
-            started = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - started)
-        return min(times)
-
     def int8():
         values, row_scale = quantize(grad, dim=1)
         return torch._int_mm(values, weight_int8).mul(row_scale).mul_(column_scale)
 
-    speedup = best_of_seven(lambda: grad @ weight) / best_of_seven(int8)
+    speedup = _best_of_seven(lambda: grad @ weight) / _best_of_seven(int8)
     if 1.3 < speedup < 1.7:
         pytest.skip(f"int8 is {speedup:.2f}x fp32 here, too near the 1.5x line for one timing to settle it")
     cpu.int8_beats_fp32.cache_clear()
