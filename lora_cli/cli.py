@@ -400,7 +400,7 @@ def merge(
     from lora_cli.hub import check_push_target
 
     check_push_target(push_to_hub)
-    report = merging.merge(run_or_adapter, output_dir, base, dtype, merge_into, overwrite, check)
+    report = merging.merge(run_or_adapter, output_dir, base, dtype, merge_into, overwrite, check, push_to_hub)
     if push_to_hub:
         from lora_cli.hub import push
 

@@ -86,9 +86,10 @@ class Plan:
 
 def merge(adapter: str | None = None, output_dir: str | None = None, base: str | None = None,
           dtype: str | None = None, merge_into: str = "dequantized", overwrite: bool = False,
-          check: bool = True) -> dict[str, Any]:
-    """Merge `adapter` (default runs/latest) into its base; returns the report (also written as lora_merge.json)."""
-    from lora_cli import adapters, models, runs
+          check: bool = True, published_as: str | None = None) -> dict[str, Any]:
+    """Merge `adapter` (default runs/latest) into its base; returns the report (also written as lora_merge.json).
+    `published_as` is the hub repository the merged model will be uploaded to, for its model card."""
+    from lora_cli import adapters, model_card, models, runs
 
     started = time.perf_counter()
     if merge_into not in MERGE_INTO:
@@ -155,6 +156,10 @@ def merge(adapter: str | None = None, output_dir: str | None = None, base: str |
                   "max_logit_diff": diff, "tolerance": tolerance,
                   "seconds": round(time.perf_counter() - started, 2)}
         runs.write_json_atomic(tmp / RECORD, report)
+        recorded = trained if not base and trained else {"name": source.name, "hub_id": source.hub_id,
+                                                          "path": source.location}
+        (tmp / "README.md").write_text(model_card.merged_card(report, manifest, recorded, published_as or str(out)),
+                                       encoding="utf-8")
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -51,7 +51,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     import torch
     from transformers import TrainingArguments
 
-    from lora_cli import callbacks, data, int8_backward, manifest
+    from lora_cli import callbacks, data, int8_backward, manifest, model_card
     from lora_cli.loss import LoraTrainer
     from lora_cli.report import plot_loss_curve
 
@@ -184,7 +184,8 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
     record = manifest.build(cfg, source, base_params, precision, quantization, prepared, metrics, world_size)
     if trainer.is_world_process_zero():
-        save_adapter(model, tokenizer, run_dir)
+        card = model_card.adapter_card(record, cfg.push_to_hub or str(run_dir))
+        save_adapter(model, tokenizer, run_dir, card)
         plot_loss_curve(run_dir)
         runs.write_json_atomic(run_dir / runs.MANIFEST, record)
         runs.update_latest(run_dir)
@@ -248,14 +249,17 @@ def _agree_on_run_dir(cfg: TrainConfig, world_size: int) -> Path:
     return Path(name[0])
 
 
-def save_adapter(model: Any, tokenizer: Any, run_dir: Path) -> None:
-    """Write the adapter into a temporary folder, check it, and only then move it into the run folder."""
+def save_adapter(model: Any, tokenizer: Any, run_dir: Path, card: str | None = None) -> None:
+    """Write the adapter into a temporary folder, check it, and only then move it into the run folder.
+    `card` replaces the template README.md that PEFT writes (lora_cli/model_card.py)."""
     from lora_cli.adapters import verify_adapter
 
     tmp = run_dir / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if card is not None:
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     verify_adapter(tmp)
     # weights last: adapter_model.safetensors present means the adapter is whole
     for item in sorted(tmp.iterdir(), key=lambda p: p.name == "adapter_model.safetensors"):

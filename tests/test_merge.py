@@ -365,3 +365,59 @@ def test_merging_into_another_base_is_refused_and_writes_nothing(change, message
     with pytest.raises(LoraError, match=message.replace("[", r"\[").replace("]", r"\]")):
         run_merge(lora_run.run_dir, tmp_path / "merged", base=str(other))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other-base"]  # no output, no temporary folder
+
+
+def python_block(card: str) -> str:
+    """The card's PEFT/transformers example: its first ```python block."""
+    return card.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_run_card_describes_the_run_and_its_example_loads_the_trained_adapter(lora_run):
+    from huggingface_hub import ModelCard
+
+    card = (lora_run.run_dir / "README.md").read_text()
+    record = lora_run.manifest
+    assert "More Information Needed" not in card  # PEFT's template is replaced
+    data = ModelCard(card).data
+    assert data.library_name == "peft" and data.base_model is None  # a local base is no hub link
+    for fact in (f"rank {record['config']['lora']['r']}", record["data"]["sha256"],
+                 f"training loss {record['metrics']['train_loss']:.4f}", f"{record['metrics']['global_step']} steps"):
+        assert fact in card
+    namespace: dict = {}
+    exec(python_block(card), namespace)  # what a reader of the card would run
+    torch.testing.assert_close(logits(namespace["model"]), logits(lora_run.model), atol=1e-5, rtol=0)
+    assert namespace["tokenizer"].chat_template  # the run's tokenizer, with the template it trained with
+
+
+def test_run_card_links_a_hub_base_but_not_the_embedded_default(lora_run):
+    from huggingface_hub import ModelCard
+
+    from lora_cli import model_card
+
+    hub = {**lora_run.manifest["base_model"], "name": "llama-7b", "hub_id": "huggyllama/llama-7b",
+           "path": "huggyllama/llama-7b", "revision": "abc123", "quantization": "4bit"}
+    card = model_card.adapter_card({**lora_run.manifest, "base_model": hub}, "me/my-adapter")
+    data = ModelCard(card).data
+    assert data.base_model == "huggyllama/llama-7b" and data.base_model_relation == "adapter"
+    assert "qlora" in data.tags and "4-bit NF4" in card
+    assert 'from_pretrained("huggyllama/llama-7b", revision="abc123")' in card
+    assert 'PeftModel.from_pretrained(base, "me/my-adapter")' in card
+    # the embedded default's weights are a dequantized GGUF, not the hub checkpoint: no link, a note
+    embedded = {**lora_run.manifest["base_model"], "name": "smollm2-135m",
+                "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "path": "/cache/smollm2"}
+    card = model_card.adapter_card({**lora_run.manifest, "base_model": embedded}, "runs/x")
+    assert ModelCard(card).data.base_model is None
+    assert 'from_pretrained("/cache/smollm2")' in card and "GGUF" in card
+
+
+def test_merged_card_says_what_was_merged_and_its_example_loads_the_merged_model(lora_run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "merged"
+    report = run_merge(lora_run.run_dir, out)
+    card = (out / "README.md").read_text()
+    assert ModelCard(card).data.library_name == "transformers"
+    assert lora_run.run_dir.name in card and f"{report['max_logit_diff']:.2e}" in card
+    namespace: dict = {}
+    exec(python_block(card), namespace)
+    torch.testing.assert_close(logits(namespace["model"].float()), logits(plain(out)), atol=0, rtol=0)
