@@ -407,7 +407,7 @@ def test_run_card_links_a_hub_base_but_not_the_embedded_default(lora_run):
                 "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "path": "/cache/smollm2"}
     card = model_card.adapter_card({**lora_run.manifest, "base_model": embedded}, "runs/x")
     assert ModelCard(card).data.base_model is None
-    assert 'from_pretrained("/cache/smollm2")' in card and "GGUF" in card
+    assert 'from_pretrained("/cache/smollm2")' in card and ".gguf" in card
 
 
 def test_merged_card_says_what_was_merged_and_its_example_loads_the_merged_model(lora_run, tmp_path):
