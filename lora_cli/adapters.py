@@ -40,6 +40,7 @@ class LoadedModel:
     adapter_dir: Path | None
     manifest: dict[str, Any] | None
     base_location: str
+    data_format: str | None = None  # the row format it was trained on (run or merge record), if known
 
 
 def tokenizer_folder(adapter_dir: Path | None, base_location: str) -> str:
@@ -99,6 +100,21 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, *, 
     else:
         loaded = base
     loaded.eval()
-    trained_template = (manifest or {}).get("data", {}).get("template")
-    renderer = Renderer(tokenizer, template if template != "auto" else (trained_template or "auto"))
-    return LoadedModel(loaded, tokenizer, renderer, adapter_dir, manifest, source.location)
+    # how training rendered its rows: the run's manifest, or for a merged folder the merge record
+    trained_data = (manifest or {}).get("data") or merged_from(source)
+    renderer = Renderer(tokenizer, template if template != "auto" else (trained_data.get("template") or "auto"))
+    return LoadedModel(loaded, tokenizer, renderer, adapter_dir, manifest, source.location,
+                       trained_data.get("format"))
+
+
+def merged_from(source: Any) -> dict[str, Any]:
+    """The template and row format a merged folder's adapter was trained with (its `lora_merge.json`), or {}."""
+    from lora_cli.merge import RECORD
+
+    record = Path(source.location) / RECORD
+    if not (source.local and record.is_file()):
+        return {}
+    try:
+        return json.loads(record.read_text()).get("trained_on") or {}
+    except (OSError, ValueError):
+        return {}

@@ -37,26 +37,63 @@ def default_data_path(split: str = "train") -> Path:
 # ---------------------------------------------------------------- reading
 
 
-def _files_of(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_SUFFIXES and p.is_file())
-        if not files:
-            raise DataError(f"--data folder {path} holds no {', '.join(FILE_SUFFIXES)} files")
+# What `datasets.save_to_disk` and the hub put beside the data: never rows.
+METADATA_FILES = {"dataset_info.json", "dataset_dict.json", "state.json"}
+HELD_OUT_SPLITS = ("test", "validation")  # where --eval-data and `lora eval` look, in that order
+
+
+def _files_of(path: Path, split: str, flag: str) -> list[Path]:
+    """The data files of a file or folder. In a folder whose file names name their split (train.jsonl,
+    test.jsonl, data/validation-00000.parquet: the names `datasets` recognises), only the split asked
+    for is read: "train", or "eval" for the test split, else the validation split."""
+    if not path.is_dir():
+        if path.suffix.lower() not in FILE_SUFFIXES:
+            raise DataError(f"{flag} {path}: unsupported file type '{path.suffix}'; use JSONL, JSON, CSV or Parquet")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_SUFFIXES and p.is_file()
+                   and p.name not in METADATA_FILES and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise DataError(f"{flag} folder {path} holds no {', '.join(FILE_SUFFIXES)} files")
+    named = _split_files(path, files)
+    if not named:
         return files
-    if path.suffix.lower() not in FILE_SUFFIXES:
-        raise DataError(f"--data {path}: unsupported file type '{path.suffix}'; use JSONL, JSON, CSV or Parquet")
-    return [path]
+    if split == "train":
+        claimed = {f for found in named.values() for f in found}
+        chosen = named.get("train") or [f for f in files if f not in claimed]
+    else:
+        chosen = next((named[name] for name in HELD_OUT_SPLITS if named.get(name)), [])
+    if not chosen:
+        wanted = "train" if split == "train" else " or ".join(HELD_OUT_SPLITS)
+        raise DataError(f"{flag} folder {path} holds files for the {', '.join(sorted(named))} split(s) but none for "
+                        f"{wanted}; name the file itself instead")
+    return chosen
+
+
+def _split_files(folder: Path, files: list[Path]) -> dict[str, list[Path]]:
+    """{split: files} as `datasets` reads split names from file and folder names; {} when none is named."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    patterns = get_data_patterns(str(folder))
+    if list(patterns) == ["train"] and patterns["train"] == ["**"]:  # the default: no split is named
+        return {}
+    resolved = DataFilesDict.from_local_or_remote(patterns, base_path=str(folder))
+    named = {}
+    for split, found in resolved.items():
+        found = {Path(f).resolve() for f in found}
+        named[str(split)] = [f for f in files if f.resolve() in found]
+    return {split: found for split, found in named.items() if found}
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if path.suffix.lower() == ".json" and stripped.startswith("["):
+    text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark, as some editors write, is not data
+    if path.suffix.lower() == ".json":
         try:
-            rows = json.loads(text)
+            whole = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-        return _check_objects(rows, path)
+            if exc.msg != "Extra data":  # "Extra data" is JSON Lines in a .json file: read it line by line below
+                raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        else:
+            return _rows_of(whole, path)
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -71,10 +108,21 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _check_objects(rows: Any, path: Path) -> list[dict[str, Any]]:
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+def _rows_of(whole: Any, path: Path) -> list[dict[str, Any]]:
+    """The rows of a whole JSON document: a list of objects, an object holding one such list (as in
+    {"data": [...]}), or a single object (one row)."""
+    if isinstance(whole, dict):
+        lists = [value for value in whole.values() if isinstance(value, list) and value
+                 and all(isinstance(item, dict) for item in value)]
+        if len(lists) == 1:
+            return lists[0]
+        if lists:
+            raise DataError(f"{path}: the object holds several lists of rows ({', '.join(k for k, v in whole.items() if v in lists)}); "
+                            "keep one list per file")
+        return [whole]
+    if not isinstance(whole, list) or not all(isinstance(r, dict) for r in whole):
         raise DataError(f"{path}: expected a list of JSON objects (rows)")
-    return rows
+    return whole
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
@@ -83,7 +131,7 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
         if suffix in (".jsonl", ".json"):
             return _read_json(path)
         if suffix == ".csv":
-            with path.open(newline="", encoding="utf-8") as f:
+            with path.open(newline="", encoding="utf-8-sig") as f:
                 return [dict(r) for r in csv.DictReader(f)]
         import pyarrow.parquet as pq
 
@@ -100,20 +148,26 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
 
 def read_rows(spec: str | None, split: str = "train", flag: str = "--data") -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows from a file, a folder of files, the embedded default, or a `datasets` hub id; plus their identity.
-    `flag` is the option that named them, for the messages."""
-    path = Path(spec).expanduser() if spec else default_data_path(split)
+
+    `split` is "train", or "eval" for held-out rows: a folder's test or validation files, a hub
+    dataset's test or validation split (`ID:SPLIT` names one). `flag` is the option that named them,
+    for the messages. With several files, identity["file_rows"] counts each file's rows, so that a
+    message can name the file a row came from (`row_name`)."""
+    path = Path(spec).expanduser() if spec else default_data_path(split if split == "train" else "heldout")
     if path.exists():
-        files = _files_of(path)
-        rows = [row for f in files for row in _read_file(f)]
+        files = _files_of(path, split, flag)
+        per_file = [_read_file(f) for f in files]
+        rows = [row for found in per_file for row in found]
         digest = hashlib.sha256()
         for f in files:
             digest.update(f.name.encode())
             digest.update(f.read_bytes())
         identity = {"source": str(spec or "embedded:" + path.name), "files": [str(f) for f in files],
                     "sha256": digest.hexdigest()}
-    elif spec and spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and \
-            Path(spec).suffix.lower() not in FILE_SUFFIXES:  # org/name, not a missing data/file.jsonl
-        rows, identity = _read_hub(spec, split)
+        if len(files) > 1:
+            identity["file_rows"] = [len(found) for found in per_file]
+    elif spec and _looks_like_hub_id(spec):
+        rows, identity = _read_hub(spec, split, flag)
     else:
         raise DataError(f"{flag} {spec}: no such file or folder (nor a hub dataset id like 'org/name')")
     if not rows:
@@ -122,15 +176,43 @@ def read_rows(spec: str | None, split: str = "train", flag: str = "--data") -> t
     return rows, identity
 
 
-def _read_hub(name: str, split: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def row_name(source: str, number: int, identity: dict[str, Any] | None = None) -> str:
+    """'SOURCE row N', or with several files 'SOURCE, FILE row N' counting within that file."""
+    counts = (identity or {}).get("file_rows")
+    if counts:
+        for file, count in zip(identity["files"], counts):
+            if number <= count:
+                return f"{source}, {Path(file).name} row {number}"
+            number -= count
+    return f"{source} row {number}"
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    """org/name or org/name:split, not a missing data/file.jsonl or ./folder."""
+    name = spec.split(":", 1)[0]
+    return name.count("/") == 1 and not spec.startswith((".", "/", "~")) and Path(name).suffix.lower() not in FILE_SUFFIXES
+
+
+def _read_hub(spec: str, split: str, flag: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A hub dataset `ID` or `ID:SPLIT`; without a split, "train" for training, else test or validation."""
     import datasets
 
+    name, _, asked = spec.partition(":")
     try:
-        ds = datasets.load_dataset(name, split=split)
+        splits = [asked] if asked else datasets.get_dataset_split_names(name)
+        wanted = [asked] if asked else ["train"] if split == "train" else list(HELD_OUT_SPLITS)
+        chosen = next((candidate for candidate in wanted if candidate in splits), None)
+        loaded = datasets.load_dataset(name, split=chosen) if chosen else None
     except Exception as exc:  # datasets wraps network and lookup failures in many types
-        raise DataError(f"cannot load dataset '{name}' (split '{split}') from the Hugging Face hub "
-                        f"({type(exc).__name__}): check the id and your network, or pass a local file with --data") from None
-    return ds.to_list(), {"source": name, "split": split, "fingerprint": ds._fingerprint}
+        offline = next((v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(v) == "1"), None)
+        why = (f"{offline}=1 forbids downloading it as a hub dataset; unset it or pass a local file" if offline else
+               f"it cannot be loaded as a hub dataset ({type(exc).__name__}); check the path, the id (and split) "
+               "and your network")
+        raise DataError(f"{flag} {spec}: no such local file or folder, and {why}") from None
+    if loaded is None:
+        raise DataError(f"{flag} {spec}: the dataset has the splits {', '.join(splits)} but no {' or '.join(wanted)}; "
+                        f"name one as {name}:SPLIT")
+    return loaded.to_list(), {"source": spec, "split": chosen, "fingerprint": loaded._fingerprint}
 
 
 # ---------------------------------------------------------------- formats
@@ -146,7 +228,8 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "model": "assistant", "bot": "assistant"}
 
 
-def detect_format(rows: list[dict[str, Any]], requested: str = "auto", source: str = "the data") -> str:
+def detect_format(rows: list[dict[str, Any]], requested: str = "auto", source: str = "the data",
+                  identity: dict[str, Any] | None = None) -> str:
     """The row layout, named by the user or found from the columns of the first row; then every row is
     checked to have that layout's columns, so that a stray row fails here, by its number."""
     columns = set(rows[0])
@@ -162,29 +245,40 @@ def detect_format(rows: list[dict[str, Any]], requested: str = "auto", source: s
             known = "; ".join(f"{n}: {'+'.join(c)}" for n, c in FORMAT_COLUMNS.items())
             raise DataError(f"cannot tell the data format of {source} from columns "
                             f"{', '.join(sorted(columns)) or '(none)'}; known formats are {known}")
-    check_rows(rows, fmt, source)
+    check_rows(rows, fmt, source, identity)
     return fmt
 
 
-def check_rows(rows: list[dict[str, Any]], fmt: str, source: str) -> None:
-    """Every row holds the format's columns, none of them empty (null, or a missing CSV cell)."""
+# The columns a row learns from: a blank one would train the model to answer with nothing.
+RESPONSE_COLUMNS = {"output", "completion", "text"}
+
+
+def check_rows(rows: list[dict[str, Any]], fmt: str, source: str, identity: dict[str, Any] | None = None) -> None:
+    """Every row holds the format's columns, none of them null (or a missing CSV cell), and a response
+    that is not blank."""
     needed = FORMAT_COLUMNS[fmt]
     for number, row in enumerate(rows, start=1):
         for column in needed:
-            if row.get(column) is None:
+            value = row.get(column)
+            if value is None or (column in RESPONSE_COLUMNS and not str(value).strip()):
                 state = "an empty" if column in row else "no"
-                raise DataError(f"{source} row {number} has {state} '{column}' (its columns: "
+                raise DataError(f"{row_name(source, number, identity)} has {state} '{column}' (its columns: "
                                 f"{', '.join(sorted(row)) or 'none'}); every {fmt} row needs "
                                 f"{' and '.join(needed)}: fix or remove that row")
+
+
+def text_of(value: Any) -> str:
+    """A cell as text: null is empty, anything else (0 and false are answers too) is its string."""
+    return "" if value is None else str(value)
 
 
 def to_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, str]] | None:
     """A row as chat messages (None for plain text and prompt/completion rows)."""
     if fmt == "instruction":
-        user = {"role": "user", "content": str(row["instruction"] or "")}
+        user = {"role": "user", "content": text_of(row["instruction"])}
         if row.get("input"):
             user["input"] = str(row["input"])
-        messages = [user, {"role": "assistant", "content": str(row["output"] or "")}]
+        messages = [user, {"role": "assistant", "content": text_of(row["output"])}]
         if row.get("system"):
             messages.insert(0, {"role": "system", "content": str(row["system"])})
         return messages
@@ -192,11 +286,11 @@ def to_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, str
         raw = row["messages"]
         if not isinstance(raw, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in raw):
             raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
-        return [{"role": str(m["role"]), "content": str(m["content"] or "")} for m in raw]
+        return [{"role": str(m["role"]), "content": text_of(m["content"])} for m in raw]
     if fmt == "sharegpt":
         raw = row["conversations"]
         try:
-            return [{"role": SHAREGPT_ROLES[str(m["from"]).lower()], "content": str(m["value"] or "")} for m in raw]
+            return [{"role": SHAREGPT_ROLES[str(m["from"]).lower()], "content": text_of(m["value"])} for m in raw]
         except (KeyError, TypeError):
             raise DataError(f"{where}: 'conversations' must be a list of {{from, value}} objects with from in "
                             + ", ".join(SHAREGPT_ROLES)) from None
@@ -236,11 +330,11 @@ class Renderer:
 
     def render(self, row: dict[str, Any], fmt: str, where: str) -> Rendered:
         if fmt == "text":
-            body = str(row["text"] or "")
+            body = text_of(row["text"])
             return Rendered(self.bos + body + self.eos, [(len(self.bos), len(self.bos) + len(body) + len(self.eos))])
         if fmt == "completion":
-            prompt = self.bos + str(row["prompt"] or "")
-            answer = str(row["completion"] or "") + self.eos
+            prompt = self.bos + text_of(row["prompt"])
+            answer = text_of(row["completion"]) + self.eos
             return Rendered(prompt + answer, [(len(prompt), len(prompt) + len(answer))])
         messages = to_messages(row, fmt, where)
         roles = [m["role"] for m in messages if m["role"] != "system"]
@@ -255,6 +349,10 @@ class Renderer:
         if self.template == "chat":
             return self._apply(messages, add_generation_prompt=True)
         return self._alpaca_parts(messages)[0]  # the user part ends with the response header
+
+    def continuation(self, text: str) -> str:
+        """A raw prompt (plain text, prompt/completion) as training began such rows: after the BOS, if any."""
+        return self.bos + text
 
     def _apply(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         plain = [{"role": m["role"], "content": m["content"] + ("\n\n" + m["input"] if m.get("input") else "")}
@@ -348,11 +446,12 @@ class PreparedData:
 
 
 def tokenize_rows(rows: list[dict[str, Any]], fmt: str, renderer: Renderer, max_seq_len: int,
-                  train_on_inputs: bool, source: str) -> tuple[list[dict[str, list[int]]], int]:
+                  train_on_inputs: bool, source: str, identity: dict[str, Any] | None = None
+                  ) -> tuple[list[dict[str, list[int]]], int]:
     examples, dropped = [], 0
     for number, row in enumerate(rows, start=1):
-        example = tokenize(renderer.render(row, fmt, f"{source} row {number}"), renderer.tokenizer, max_seq_len,
-                           train_on_inputs)
+        example = tokenize(renderer.render(row, fmt, row_name(source, number, identity)), renderer.tokenizer,
+                           max_seq_len, train_on_inputs)
         if all(label == IGNORE_INDEX for label in example["labels"][1:]):
             dropped += 1  # nothing left to learn: the response was cut off by --max-seq-len
             continue
@@ -370,29 +469,30 @@ def prepare(data_cfg: Any, tokenizer: Any, seed: int) -> PreparedData:
 
     rows, identity = read_rows(data_cfg.path)
     source = f"--data {data_cfg.path}" if data_cfg.path else "the embedded dataset"
-    fmt = detect_format(rows, data_cfg.format, source)
+    fmt = detect_format(rows, data_cfg.format, source, identity)
     renderer = Renderer(tokenizer, data_cfg.template)
     use_heldout = not (data_cfg.path or data_cfg.eval_split)  # the embedded dataset brings its held-out split
     eval_spec = data_cfg.eval_data or (str(default_data_path("heldout")) if use_heldout else None)
     eval_rows = None
     eval_source = f"--eval-data {data_cfg.eval_data}" if data_cfg.eval_data else "the embedded held-out split"
     if eval_spec:
-        eval_rows, identity["eval"] = read_rows(eval_spec, flag="--eval-data")
-        eval_format = detect_format(eval_rows, data_cfg.format, eval_source)
+        eval_rows, identity["eval"] = read_rows(eval_spec, split="eval", flag="--eval-data")
+        eval_format = detect_format(eval_rows, data_cfg.format, eval_source, identity["eval"])
     key = _fingerprint(identity, fmt, renderer, data_cfg)
     cached = _read_cache(key)
     if cached is not None:
         train_ds, eval_ds, dropped = cached
         log.debug("tokenized data from the cache (%s)", key[:12])
     else:
-        train, dropped = tokenize_rows(rows, fmt, renderer, data_cfg.max_seq_len, data_cfg.train_on_inputs, source)
+        train, dropped = tokenize_rows(rows, fmt, renderer, data_cfg.max_seq_len, data_cfg.train_on_inputs, source,
+                                       identity)
         if not train:
             raise DataError(f"no training row keeps a response token within --max-seq-len {data_cfg.max_seq_len}; "
                             "raise --max-seq-len or shorten the prompts")
         eval_examples = None
         if eval_rows is not None:
             eval_examples, _ = tokenize_rows(eval_rows, eval_format, renderer, data_cfg.max_seq_len, False,
-                                             eval_source)
+                                             eval_source, identity["eval"])
         train_ds = datasets.Dataset.from_list(train)
         eval_ds = datasets.Dataset.from_list(eval_examples) if eval_examples else None
         _write_cache(key, train_ds, eval_ds, dropped)

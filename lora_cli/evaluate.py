@@ -90,7 +90,8 @@ def exact_match(loaded: Any, pairs: list, adapter: bool, batch_size: int = 8) ->
 
     tok = loaded.tokenizer
     model = loaded.model
-    prompts = [p if isinstance(p, str) else loaded.renderer.prompt(p) for p, _ in pairs]
+    # a completion prompt starts as its training rows did: with the BOS where the tokenizer adds one
+    prompts = [loaded.renderer.continuation(p) if isinstance(p, str) else loaded.renderer.prompt(p) for p, _ in pairs]
     answers: list[str] = []
     side = tok.padding_side
     tok.padding_side = "left"  # generation continues from the right end of every row
@@ -129,13 +130,13 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
         raise DataError("lora eval compares base and adapted: name an adapter with --adapter (or train one first)")
     runs.find_run(adapter)  # no adapter fails first; the data is checked before anything loads
     spec = data or str(default_data_path("heldout"))
-    rows, _ = read_rows(spec)
+    rows, identity = read_rows(spec, split="eval")
     rows = rows[:limit] if limit else rows
     from lora_cli.config import FORMATS
 
     if data_format not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {data_format!r}")
-    fmt = detect_format(rows, data_format, f"--data {data}" if data else "the embedded held-out split")
+    fmt = detect_format(rows, data_format, f"--data {data}" if data else "the embedded held-out split", identity)
     general_spec = None
     if general:  # read and checked before the model loads, not after the comparison has run
         general_spec = str(Path(str(ASSETS / "data" / GENERAL_TEXT))) if general == "default" else general

@@ -36,12 +36,14 @@ class Sampling:
 
 def uses_raw_prompts(loaded: Any) -> bool:
     """Runs trained on plain text or prompt/completion pairs continue the text as given, with no template."""
-    return (loaded.manifest or {}).get("data", {}).get("format") in ("completion", "text")
+    return loaded.data_format in ("completion", "text")
 
 
 def prompt_text(loaded: Any, history: list[dict[str, str]], raw: bool) -> str:
     if raw or uses_raw_prompts(loaded):
-        return history[-1]["content"]
+        last = history[-1]
+        text = last["content"] + ("\n\n" + last["input"] if last.get("input") else "")
+        return loaded.renderer.continuation(text)
     return loaded.renderer.prompt(history)
 
 
@@ -128,6 +130,17 @@ def interactive(loaded: Any, sampling: Sampling, raw: bool, read: Callable[[str]
         history.append({"role": "assistant", "content": answer.strip()})
 
 
+def question(row: dict[str, Any], where: str) -> dict[str, str]:
+    """A --prompts-file row as the user message training would have rendered: its input kept apart."""
+    prompt = row.get("prompt") or row.get("instruction")
+    if not prompt:
+        raise DataError(f"{where}: needs a 'prompt' or 'instruction' field")
+    message = {"role": "user", "content": str(prompt)}
+    if row.get("input"):
+        message["input"] = str(row["input"])
+    return message
+
+
 def batch(loaded: Any, prompts_file: Path, output: Path, sampling: Sampling, raw: bool) -> int:
     """Answer every prompt of a JSONL file ({"prompt": ...} or {"instruction": ...}); writes JSONL atomically."""
     from lora_cli.data import read_rows
@@ -136,12 +149,8 @@ def batch(loaded: Any, prompts_file: Path, output: Path, sampling: Sampling, raw
     rows, _ = read_rows(str(prompts_file), flag="--prompts-file")
     lines = []
     for number, row in enumerate(rows, start=1):
-        prompt = row.get("prompt") or row.get("instruction")
-        if not prompt:
-            raise DataError(f"{prompts_file} row {number}: needs a 'prompt' or 'instruction' field")
-        if row.get("input"):
-            prompt = f"{prompt}\n\n{row['input']}"
-        answer = generate_one(loaded, prompt_text(loaded, [{"role": "user", "content": prompt}], raw), sampling)
+        answer = generate_one(loaded, prompt_text(loaded, [question(row, f"{prompts_file} row {number}")], raw),
+                              sampling)
         lines.append(json.dumps({**row, "response": answer.strip()}, ensure_ascii=False))
     write_text_atomic(output, "\n".join(lines) + "\n")
     return len(lines)

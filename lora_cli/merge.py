@@ -154,7 +154,9 @@ def merge(adapter: str | None = None, output_dir: str | None = None, base: str |
         report = {"output_dir": str(out), "adapter": str(adapter_dir), "base": source.location,
                   "merge_into": got, "dtype": out_name, "shards": len(layout.shards),
                   "max_logit_diff": diff, "tolerance": tolerance,
-                  "seconds": round(time.perf_counter() - started, 2)}
+                  "seconds": round(time.perf_counter() - started, 2),
+                  # so that generate and eval prompt the merged model as training prompted base + adapter
+                  "trained_on": {key: (manifest or {}).get("data", {}).get(key) for key in ("template", "format")}}
         runs.write_json_atomic(tmp / RECORD, report)
         recorded = trained if not base and trained else {"name": source.name, "hub_id": source.hub_id,
                                                           "path": source.location}

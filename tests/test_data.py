@@ -266,6 +266,85 @@ def test_a_tokenizer_that_adds_bos_gets_exactly_one_untrained_bos(bos_tokenizer,
     body = renderer.render(row, fmt, "r").text.removeprefix(bos_tokenizer.bos_token)
     assert ids == bos_tokenizer(body)["input_ids"]
     # and the prompt for generation starts the same way training did
-    if fmt == "instruction":
-        prompt = renderer.prompt([{"role": "user", "content": row["instruction"]}])
-        assert prompt.startswith(bos_tokenizer.bos_token) and body.startswith(prompt[len(bos_tokenizer.bos_token):])
+    from lora_cli.adapters import LoadedModel
+    from lora_cli.generate import prompt_text
+
+    loaded = LoadedModel(None, bos_tokenizer, renderer, None, None, "", data_format=fmt)
+    question = {"instruction": row.get("instruction"), "completion": row.get("prompt"), "text": "Paris is"}[fmt]
+    prompt = prompt_text(loaded, [{"role": "user", "content": question}], raw=False)
+    assert prompt.startswith(bos_tokenizer.bos_token) and body.startswith(prompt[len(bos_tokenizer.bos_token):])
+
+
+def test_byte_order_marks_are_not_data(tmp_path):
+    (tmp_path / "excel.csv").write_bytes("instruction,output\nq1,a1\n".encode("utf-8-sig"))
+    (tmp_path / "bom.jsonl").write_bytes((json.dumps({"instruction": "q1", "output": "a1"}) + "\n").encode("utf-8-sig"))
+    for name in ("excel.csv", "bom.jsonl"):
+        rows, _ = read_rows(str(tmp_path / name))
+        assert rows == [{"instruction": "q1", "output": "a1"}] and detect_format(rows) == "instruction"
+
+
+def test_json_documents_holding_rows_are_read(tmp_path):
+    rows = [{"text": "one"}, {"text": "two"}]
+    (tmp_path / "wrapped.json").write_text(json.dumps({"version": 2, "data": rows}, indent=2))
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))  # JSON Lines named .json
+    (tmp_path / "one.json").write_text(json.dumps(rows[0], indent=2))
+    assert read_rows(str(tmp_path / "wrapped.json"))[0] == rows
+    assert read_rows(str(tmp_path / "lines.json"))[0] == rows
+    assert read_rows(str(tmp_path / "one.json"))[0] == rows[:1]
+    (tmp_path / "two.json").write_text(json.dumps({"train": rows, "test": rows}))
+    with pytest.raises(DataError, match="several lists of rows"):
+        read_rows(str(tmp_path / "two.json"))
+
+
+def test_a_folder_with_split_names_trains_on_train_and_evaluates_on_test(tmp_path):
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text(json.dumps({"text": split}) + "\n")
+    (folder / "dataset_info.json").write_text(json.dumps({"description": "not rows"}))
+    assert [r["text"] for r in read_rows(str(folder))[0]] == ["train"]
+    assert [r["text"] for r in read_rows(str(folder), split="eval")[0]] == ["test"]
+    (folder / "test.jsonl").unlink()
+    with pytest.raises(DataError, match="none for test or validation"):
+        read_rows(str(folder), split="eval", flag="--eval-data")
+
+
+def test_a_bad_row_in_a_folder_is_named_by_its_file_and_line(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"instruction": "q"}) + "\n")
+    rows, identity = read_rows(str(tmp_path))
+    with pytest.raises(DataError, match=r"^--data d, b\.jsonl row 1 has no 'output'"):
+        detect_format(rows, "auto", "--data d", identity)
+
+
+@pytest.mark.parametrize("output", ["", "   "])
+def test_a_blank_response_is_refused_by_its_row(tmp_path, output):
+    path = tmp_path / "d.csv"
+    path.write_text(f"instruction,output\nq1,a1\nq2,{output}\n")
+    rows, identity = read_rows(str(path))
+    with pytest.raises(DataError, match="row 2 has an empty 'output'"):
+        detect_format(rows, "auto", "--data d.csv", identity)
+
+
+def test_falsy_answers_are_answers(tokenizer):
+    example = tokenize(Renderer(tokenizer).render({"instruction": "1-1?", "output": 0}, "instruction", "r"),
+                       tokenizer, 512, False)
+    assert trained_text(example, tokenizer) == "0<|im_end|>"
+
+
+def test_a_hub_dataset_that_cannot_be_loaded_gets_one_line_naming_the_cause(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # as the tests run: the hub is never reached
+    with pytest.raises(DataError, match=r"^--eval-data org/held-out:test: no such local file or folder, and "
+                                        r"HF_DATASETS_OFFLINE=1 forbids downloading it"):
+        read_rows("org/held-out:test", split="eval", flag="--eval-data")
+
+
+@pytest.mark.parametrize("fixture", ["tokenizer", "alpaca_tokenizer"])
+def test_a_prompts_file_row_with_input_is_prompted_as_training_rendered_it(fixture, request):
+    from lora_cli.generate import question
+
+    renderer = Renderer(request.getfixturevalue(fixture))
+    row = {"instruction": "Translate to French.", "input": "Hello", "output": "Bonjour"}
+    rendered = renderer.render(row, "instruction", "r")
+    prompt = renderer.prompt([question(row, "r")])
+    assert rendered.text.startswith(prompt) and rendered.trained[0][0] == len(prompt)

@@ -421,3 +421,27 @@ def test_merged_card_says_what_was_merged_and_its_example_loads_the_merged_model
     namespace: dict = {}
     exec(python_block(card), namespace)
     torch.testing.assert_close(logits(namespace["model"].float()), logits(plain(out)), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("rows, overrides", [
+    ({"instruction": QUESTION, "output": ANSWER}, {"data.template": "alpaca"}),
+    ({"prompt": QUESTION + "\n", "completion": ANSWER}, {}),
+], ids=["alpaca-template", "completion-rows"])
+def test_a_merged_model_is_prompted_as_its_run_was(rows, overrides, tiny_model_dir, tmp_path):
+    """A merged folder has no run manifest: the merge record carries the template and row format to generate."""
+    from lora_cli import adapters
+    from lora_cli.generate import prompt_text
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text((json.dumps(rows) + "\n") * 32)
+    run = _train(tiny_model_dir, data, tmp_path / "run", **overrides)
+    merged = tmp_path / "merged"
+    run_merge(run.run_dir, merged)
+    with_run = adapters.load_for_inference(str(run.run_dir), precision="fp32")
+    alone = adapters.load_for_inference(None, str(merged), precision="fp32")
+    history = [{"role": "user", "content": QUESTION}]
+    assert prompt_text(alone, history, raw=False) == prompt_text(with_run, history, raw=False)
+    runner = CliRunner()
+    answers = [runner.invoke(cli.app, ["generate", *where, "--prompt", QUESTION, "--max-new-tokens", "12"]).stdout
+               for where in (["--adapter", str(run.run_dir)], ["--model", str(merged)])]
+    assert answers[0] == answers[1] and answers[0].strip()
