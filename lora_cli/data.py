@@ -117,8 +117,8 @@ def _rows_of(whole: Any, path: Path) -> list[dict[str, Any]]:
         if len(lists) == 1:
             return lists[0]
         if lists:
-            raise DataError(f"{path}: the object holds several lists of rows ({', '.join(k for k, v in whole.items() if v in lists)}); "
-                            "keep one list per file")
+            keys = ", ".join(key for key, value in whole.items() if any(value is found for found in lists))
+            raise DataError(f"{path}: the object holds several lists of rows ({keys}); keep one list per file")
         return [whole]
     if not isinstance(whole, list) or not all(isinstance(r, dict) for r in whole):
         raise DataError(f"{path}: expected a list of JSON objects (rows)")
