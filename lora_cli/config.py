@@ -8,6 +8,7 @@ they feed (`r`, `lora_alpha`, `learning_rate`...) so values pass through without
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
@@ -224,7 +225,8 @@ def _flatten_yaml(data: dict[str, Any], source: str) -> dict[str, Any]:
             if key in known:
                 flat[key] = val
                 continue
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6) or \
+                difflib.get_close_matches(key, sections, n=1, cutoff=0.6)  # a misspelt section: modle
             # also match a leaf name typed without its section, or a flag name typed as a key
             leaf = {k.split(".")[-1]: k for k in known}
             by_flag = {v.lstrip("-").replace("-", "_"): k for k, v in FLAGS.items()}
@@ -265,6 +267,9 @@ def _coerce(key: str, value: Any, template: Any) -> Any:
     if key in _FLOAT_KEYS or expected is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text; it is a number to anyone writing it
+            with contextlib.suppress(ValueError):
+                return float(value)
         raise ConfigError(f"{flag(key)} must be a number, got {value!r}")
     if expected is int or key in _INT_KEYS:
         if isinstance(value, int) and not isinstance(value, bool):

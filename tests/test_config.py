@@ -29,6 +29,20 @@ def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
         load_yaml(recipe)
 
 
+def test_a_misspelt_section_gets_a_suggestion_too(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("modle:\n  name: x\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'modle'.*did you mean 'model'"):
+        load_yaml(recipe)
+
+
+def test_numbers_written_without_a_dot_are_numbers(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("training:\n  learning_rate: 1e-3\nlora:\n  lora_dropout: 5e-2\n")  # YAML 1.1 reads text
+    cfg = build_config(recipe)
+    assert cfg.training.learning_rate == 1e-3 and cfg.lora.lora_dropout == 0.05
+
+
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as info:
         build_config(None, {"lora.r": 0, "lora.lora_dropout": 1.5, "model.use_4bit": True, "model.use_8bit": True})
