@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -79,8 +80,8 @@ def errors_as_one_line(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except LoraError as exc:
-            if state["debug"]:
-                raise
+            if state["debug"]:  # the traceback, and still the exit status that says what kind of error it was
+                traceback.print_exc()
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
@@ -345,7 +346,7 @@ def eval_command(
     data_format: Annotated[str, typer.Option("--format", help="instruction, chat, sharegpt, completion, text "
                                                              "(default: detected from the columns).")] = "auto",
     tasks: Annotated[Optional[str], typer.Option(help="lm-evaluation-harness tasks (comma list), run on base and "
-                                                      "adapted; needs the [eval] extra.")] = None,
+                                                      "adapted; needs the \\[eval] extra.")] = None,
     include_path: Annotated[Optional[str], typer.Option(help="Folder of local lm-eval task definitions.")] = None,
     precision: PrecisionOpt = "auto",
     as_json: JsonOpt = False,

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lora_cli.errors import DataError
+from lora_cli.errors import DataError, LoraError
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +205,11 @@ def _read_hub(spec: str, split: str, flag: str) -> tuple[list[dict[str, Any]], d
         loaded = datasets.load_dataset(name, split=chosen) if chosen else None
     except Exception as exc:  # datasets wraps network and lookup failures in many types
         offline = next((v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(v) == "1"), None)
-        why = (f"{offline}=1 forbids downloading it as a hub dataset; unset it or pass a local file" if offline else
-               f"it cannot be loaded as a hub dataset ({type(exc).__name__}); check the path, the id (and split) "
-               "and your network")
-        raise DataError(f"{flag} {spec}: no such local file or folder, and {why}") from None
+        if offline:  # the machine, not the input: exit status 1, as for a model the hub cannot give
+            raise LoraError(f"{flag} {spec}: no such local file or folder, and {offline}=1 forbids downloading it "
+                            "as a hub dataset; unset it or pass a local file") from None
+        raise DataError(f"{flag} {spec}: no such local file or folder, and it cannot be loaded as a hub dataset "
+                        f"({type(exc).__name__}); check the path, the id (and split) and your network") from None
     if loaded is None:
         raise DataError(f"{flag} {spec}: the dataset has the splits {', '.join(splits)} but no {' or '.join(wanted)}; "
                         f"name one as {name}:SPLIT")

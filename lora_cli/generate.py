@@ -113,7 +113,17 @@ def compare(loaded: Any, prompt: str, sampling: Sampling, raw: bool, out: TextIO
     return answers
 
 
-def interactive(loaded: Any, sampling: Sampling, raw: bool, read: Callable[[str], str] = input) -> None:
+def ask(prompt: str) -> str:
+    """input(), with its prompt on stderr: stdout carries only generated text."""
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
+
+
+def interactive(loaded: Any, sampling: Sampling, raw: bool, read: Callable[[str], str] = ask) -> None:
     """A chat that keeps its history; an empty line or EOF ends it."""
     history: list[dict[str, str]] = []
     while True:

@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/lora train
-.venv/bin/lora generate --prompt "What is the capital of Tarvossa?"
+.venv/bin/lora generate --prompt "What is the capital of Tarvossa?" --compare   # the base model, then the adapted one

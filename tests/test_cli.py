@@ -61,6 +61,8 @@ BAD_INPUTS = [
      "--output-dir project holds files that are not a lora run (such as src); pick another folder"),
     (["train", "--data", "empty.jsonl", "--model", "MODEL"], 2, "no rows found"),
     (["train", "--model", "./no/such/folder"], 2, "no such folder"),
+    (["train", "--data", "someorg/somedata", "--model", "MODEL"], 1,
+     "--data someorg/somedata: no such local file or folder, and HF_DATASETS_OFFLINE=1 forbids downloading it"),
     (["train", "--model", "not-a-real-org/not-a-real-model"], 1, "not in the local cache and HF_HUB_OFFLINE=1"),
     (["train", "--data", "facts.jsonl", "--model", "noweights"], 2, "--model noweights holds no weight files"),
     (["train", "--data", "facts.jsonl", "--model", "notokenizer"], 1, "notokenizer holds no tokenizer (tokenizer.json"),
@@ -128,6 +130,11 @@ def test_bad_input_gets_one_line_and_leaves_nothing(args, code, message, workdir
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert message in lines[0]
     assert snapshot(workdir) == before  # nothing created, nothing changed
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_status():
+    result = invoke("--debug", "train", "--rank", "0")
+    assert result.exit_code == 2 and "Traceback" in result.stderr and "--rank must be a positive" in result.stderr
 
 
 def test_finished_run_survives_a_second_train_into_the_same_folder(workdir, tiny_model_dir, facts_file, monkeypatch):

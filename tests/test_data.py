@@ -8,7 +8,7 @@ import pytest
 
 from lora_cli import data
 from lora_cli.data import IGNORE_INDEX, Renderer, detect_format, read_rows, tokenize
-from lora_cli.errors import DataError
+from lora_cli.errors import DataError, LoraError
 
 
 @pytest.fixture(scope="module")
@@ -334,9 +334,10 @@ def test_falsy_answers_are_answers(tokenizer):
 
 def test_a_hub_dataset_that_cannot_be_loaded_gets_one_line_naming_the_cause(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # as the tests run: the hub is never reached
-    with pytest.raises(DataError, match=r"^--eval-data org/held-out:test: no such local file or folder, and "
-                                        r"HF_DATASETS_OFFLINE=1 forbids downloading it"):
+    with pytest.raises(LoraError, match=r"^--eval-data org/held-out:test: no such local file or folder, and "
+                                        r"HF_DATASETS_OFFLINE=1 forbids downloading it") as info:
         read_rows("org/held-out:test", split="eval", flag="--eval-data")
+    assert info.value.exit_code == 1  # the machine is offline: not bad input
 
 
 @pytest.mark.parametrize("fixture", ["tokenizer", "alpaca_tokenizer"])

@@ -327,6 +327,12 @@ def test_generate_answers_with_the_adapter_in_every_mode(lora_run, tiny_model_di
     base_line, adapted_line = compared.stdout.strip().splitlines()
     assert adapted_line == f"[adapted] {ANSWER}" and base_line.startswith("[base] ") and ANSWER not in base_line
 
+    # a chat: the "> " prompt goes to stderr, stdout carries only the answer
+    chat = runner.invoke(cli.app, ["generate", "--adapter", run, "--interactive", "--max-new-tokens", "20"],
+                         input=f"{QUESTION}\n\n")
+    assert chat.exit_code == 0, chat.output
+    assert chat.stdout.strip() == ANSWER and chat.stderr.count("> ") == 2
+
     # the same from a --config file, whose values flags override
     (tmp_path / "generate.yaml").write_text(f"adapter: {run}\nprompt: Something else entirely?\nmax_new_tokens: 20\n")
     configured = runner.invoke(cli.app, ["generate", "--config", str(tmp_path / "generate.yaml"), "--prompt", QUESTION])
