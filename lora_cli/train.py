@@ -46,6 +46,8 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     run_dir = _agree_on_run_dir(cfg, world_size)
     runs.check_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite,
                        inputs=(cfg.data.path, cfg.data.eval_data))
+    if cfg.resume and runs.is_finished(run_dir):
+        check_goes_further(cfg, run_dir)
     source = models.resolve_model(cfg.model.name, cfg.model.revision)
 
     import torch
@@ -190,6 +192,23 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         runs.write_json_atomic(run_dir / runs.MANIFEST, record)
         runs.update_latest(run_dir)
     return TrainResult(run_dir, record, model=model)
+
+
+def check_goes_further(cfg: TrainConfig, run_dir: Path) -> None:
+    """Resuming a finished run trains it further, or it would only replace its adapter with a copy trained
+    a step past its end (the Trainer takes one more step from a checkpoint at the last step)."""
+    from lora_cli import runs
+
+    record = runs.read_manifest(run_dir) or {}
+    done = record.get("metrics", {}).get("global_step", 0)
+    before = record.get("config", {}).get("training", {})
+    t = cfg.training
+    if t.max_steps > 0 and t.max_steps > done:
+        return
+    if t.max_steps <= 0 and t.num_train_epochs > before.get("num_train_epochs", t.num_train_epochs):
+        return
+    raise RunError(f"--resume: {run_dir} is finished ({done} steps); to train it further pass a larger --max-steps "
+                   f"or --epochs, or start a new run")
 
 
 def final_eval_loss(trainer: Any, last_eval: Any) -> float:

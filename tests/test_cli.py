@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_train_args
+from conftest import logged_steps, tiny_train_args
 from lora_cli import runs
 from lora_cli.cli import app
 
@@ -168,6 +168,13 @@ def test_bare_resume_never_reopens_a_finished_run(workdir, tiny_model_dir, facts
     result = invoke("train", "--model", str(tiny_model_dir), "--data", str(facts_file), "--resume")
     assert result.exit_code == 2 and "no unfinished run with a checkpoint" in result.output
     assert (workdir / "run" / "adapter_model.safetensors").read_bytes() == adapter
+    # named, it is refused too, unless asked to go further than it went
+    result = invoke("train", "--resume", "--output-dir", str(workdir / "run"))
+    assert result.exit_code == 2 and "is finished (12 steps); to train it further pass a larger --max-steps" in result.output
+    assert (workdir / "run" / "adapter_model.safetensors").read_bytes() == adapter
+    assert invoke("train", "--resume", "--output-dir", str(workdir / "run"), "--max-steps", "15").exit_code == 0
+    assert json.loads((workdir / "run" / "lora_run.json").read_text())["metrics"]["global_step"] == 15
+    assert logged_steps(workdir / "run")[-3:] == [13, 14, 15]
 
 
 def test_train_json_prints_only_the_manifest(workdir, tiny_model_dir, facts_file):
