@@ -14,19 +14,26 @@ from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
 
 class LoraProgress(ProgressCallback):
-    """The Trainer's progress bar, showing loss and real tokens per second instead of printing dicts."""
+    """The Trainer's progress bar, showing loss and real tokens per second instead of printing dicts.
+
+    Tokens per second count training time only: evaluations, which see no training token, are left out."""
 
     def __init__(self) -> None:
         super().__init__()
         self.start_time: float | None = None
         self.start_tokens = 0
+        self.eval_seconds = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
         self.start_time, self.start_tokens = time.perf_counter(), state.num_input_tokens_seen
 
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        super().on_evaluate(args, state, control, metrics=metrics, **kwargs)
+        self.eval_seconds += float((metrics or {}).get("eval_runtime", 0.0))
+
     def tokens_per_second(self, state: Any) -> float:
-        elapsed = time.perf_counter() - (self.start_time or time.perf_counter())
+        elapsed = time.perf_counter() - (self.start_time or time.perf_counter()) - self.eval_seconds
         return (state.num_input_tokens_seen - self.start_tokens) / elapsed if elapsed > 0 else 0.0
 
     def on_log(self, args, state, control, logs=None, **kwargs):

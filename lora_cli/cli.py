@@ -219,7 +219,8 @@ def train(
 def _train_summary(run_dir: Path, manifest: dict[str, Any]) -> str:
     m = manifest["metrics"]
     lines = [
-        f"Done in {m['train_runtime_s']:.0f} s: {m['global_step']} steps, {m['tokens_per_second']:.0f} tokens/s.",
+        f"Done in {m['train_runtime_s']:.0f} s{_evaluating(m)}: {m['global_step']} steps, "
+        f"{m['tokens_per_second']:.0f} tokens/s.",
         f"  trainable parameters  {m['trainable_params']:,} of {m['total_params']:,} "
         f"({100 * m['trainable_params'] / m['total_params']:.2f}%)",
         f"  final train loss      {m['train_loss']:.4f}",
@@ -229,6 +230,12 @@ def _train_summary(run_dir: Path, manifest: dict[str, Any]) -> str:
     lines += [f"  adapter               {run_dir}",
               'Next: lora generate --prompt "..."   (or lora eval, lora merge)']
     return "\n".join(lines)
+
+
+def _evaluating(metrics: dict[str, Any]) -> str:
+    """The share of the run spent evaluating, which tokens/s leaves out (older manifests lack it)."""
+    seconds = metrics.get("eval_seconds") or 0
+    return f" ({seconds:.0f} s of it evaluating)" if seconds >= 1 else ""
 
 
 def _command_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:

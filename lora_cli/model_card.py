@@ -53,8 +53,8 @@ def adapter_card(record: dict[str, Any], where: str) -> str:
         "## Training",
         f"- {metrics['global_step']} steps of {_batch(training, record['world_size'])}, learning rate "
         f"{training['learning_rate']:g} ({training['lr_scheduler_type']}), seed {training['seed']}",
-        f"- {record['device']}: {metrics['tokens_seen']:,} tokens in {metrics['train_runtime_s']:.0f} s "
-        f"({metrics['tokens_per_second']:g} tokens/s)",
+        f"- {record['device']}: {metrics['tokens_seen']:,} tokens at {metrics['tokens_per_second']:g} tokens/s, "
+        f"{metrics['train_runtime_s']:.0f} s in all",
         "",
         "## Results",
         f"- training loss {metrics['train_loss']:.4f}",

@@ -180,6 +180,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
                "global_step": trainer.state.global_step,
                "tokens_seen": int(trainer.state.num_input_tokens_seen),
                "tokens_per_second": round(progress.tokens_per_second(trainer.state), 1),
+               "eval_seconds": round(progress.eval_seconds, 2),  # inside train_runtime_s, outside tokens_per_second
                "trainable_params": trainable, "total_params": total}
     if prepared.eval is not None:
         metrics["eval_loss"] = final_eval_loss(trainer, last_eval)

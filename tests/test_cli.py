@@ -184,6 +184,23 @@ def test_train_json_prints_only_the_manifest(workdir, tiny_model_dir, facts_file
     assert json.loads(result.stdout)["status"] == "finished"
 
 
+def test_tokens_per_second_leave_the_evaluations_out(workdir, tiny_model_dir, facts_file):
+    held_out = workdir / "held_out.jsonl"
+    held_out.write_text(facts_file.read_text() * 25)  # evaluating then takes most of the run
+    result = invoke(*tiny_train_args(tiny_model_dir, facts_file, workdir / "run", "--eval-data", str(held_out),
+                                     "--eval-steps", "2"))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((workdir / "run" / "lora_run.json").read_text())["metrics"]
+    log = [json.loads(line) for line in (workdir / "run" / "train_log.jsonl").read_text().splitlines()]
+    evaluating = sum(entry["eval_runtime"] for entry in log if "eval_runtime" in entry)
+    assert evaluating > 0.5 * metrics["train_runtime_s"] and metrics["eval_seconds"] == pytest.approx(evaluating, abs=0.1)
+    # the progress clock starts after the Trainer's setup, so leaving evaluation out can only be faster than this;
+    # counting it in would be slower: the evaluations took longer than the setup
+    training_only = metrics["tokens_seen"] / (metrics["train_runtime_s"] - evaluating)
+    assert metrics["tokens_per_second"] >= 0.95 * training_only
+    assert f"s of it evaluating): 12 steps, {metrics['tokens_per_second']:.0f} tokens/s" in result.stderr
+
+
 def test_generate_after_train_uses_runs_latest(workdir, tiny_model_dir, facts_file):
     assert invoke(*tiny_train_args(tiny_model_dir, facts_file, workdir / "run")).exit_code == 0
     result = runner.invoke(app, ["generate", "--prompt", "What is the capital of Veloria?", "--max-new-tokens", "8"])
