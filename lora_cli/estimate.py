@@ -361,14 +361,16 @@ def format_estimate(report: dict) -> str:
     return "\n".join(lines)
 
 
-def estimate_run(cfg: Any, model_config: Any, *, compute_dtype: str, device: str, model: str | None = None) -> dict:
-    """The estimate for a `lora train` configuration: the one place its options become estimate() arguments."""
+def estimate_run(cfg: Any, model_config: Any, *, compute_dtype: str, device: str, model: str | None = None,
+                 max_seq_len: int | None = None) -> dict:
+    """The estimate for a `lora train` configuration: the one place its options become estimate() arguments.
+    `max_seq_len` replaces --max-seq-len where the data is known to be shorter."""
     from lora_cli.models import resolve_int8_backward, sharded_engine
 
     int8_backward = resolve_int8_backward(cfg.model.int8_backward, compute_dtype, cfg.model.quantization, device)
     return estimate(model_config, r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, target_modules=cfg.lora.target_modules,
                     quantization=cfg.model.quantization, use_dora=cfg.lora.use_dora,
-                    batch_size=cfg.training.per_device_train_batch_size, max_seq_len=cfg.data.max_seq_len,
+                    batch_size=cfg.training.per_device_train_batch_size, max_seq_len=max_seq_len or cfg.data.max_seq_len,
                     gradient_checkpointing=cfg.training.gradient_checkpointing, compute_dtype=compute_dtype,
                     device=device, lora_dropout=cfg.lora.lora_dropout, packing=cfg.data.packing,
                     chunked_loss=False if sharded_engine() else None, model=model or cfg.model.name,

@@ -67,7 +67,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     # resolved into the config, so the manifest records what ran
     cfg.model.int8_backward = models.resolve_int8_backward(cfg.model.int8_backward, precision, quantization)
     if is_main:
-        check_memory(cfg, source, precision)
+        check_memory(cfg, source, precision, longest_step(prepared.train, cfg))
     if quantization and precision == "fp16":
         log.warning("fp16 with %s weights often overflows; --precision bf16 is safer where the GPU has it",
                     quantization)
@@ -221,21 +221,35 @@ def final_eval_loss(trainer: Any, last_eval: Any) -> float:
     return trainer.evaluate()["eval_loss"]
 
 
-def check_memory(cfg: TrainConfig, source: Any, precision: str) -> None:
-    """Print what the run will need, and refuse at once when it clearly cannot fit the GPU it has."""
+def longest_step(train: Any, cfg: TrainConfig) -> int:
+    """Tokens in the largest batch this data can make, a bound on what the estimate must cover: the
+    `batch` longest examples packed into one row, or the longest example padded `batch` times."""
+    import pyarrow.compute as pc
+
+    batch = cfg.training.per_device_train_batch_size
+    lengths = sorted(pc.list_value_length(train.data.column("input_ids")).to_pylist())  # the table under any split
+    return sum(lengths[-batch:]) if cfg.data.packing else batch * lengths[-1]
+
+
+def check_memory(cfg: TrainConfig, source: Any, precision: str, tokens: int | None = None) -> None:
+    """Print what the run will need, and refuse at once when it clearly cannot fit the GPU it has.
+    `tokens` is the largest step the data makes (`longest_step`); without it, full batches of --max-seq-len."""
     import torch
 
     from lora_cli import estimate
 
+    batch = cfg.training.per_device_train_batch_size
+    seq = min(cfg.data.max_seq_len, -(-tokens // batch)) if tokens else cfg.data.max_seq_len
     try:
         report = estimate.estimate_run(cfg, estimate.load_model_config(source.location), compute_dtype=precision,
-                                       device="cuda" if torch.cuda.is_available() else "cpu", model=source.name)
+                                       device="cuda" if torch.cuda.is_available() else "cpu", model=source.name,
+                                       max_seq_len=seq)
     except Exception as exc:  # an estimate is advice; an architecture it cannot model must not stop training
         log.debug("no memory estimate: %s", exc)
         return
     need = report["memory"]["total_bytes"]
-    log.info("Estimated peak memory: %.1f GiB (batch %d x %d tokens; `lora estimate` has the breakdown)",
-             need / 2**30, cfg.training.per_device_train_batch_size, cfg.data.max_seq_len)
+    step = f"the largest step this data makes, {tokens} tokens" if tokens else f"batch {batch} x {seq} tokens"
+    log.info("Estimated peak memory: %.1f GiB (%s; `lora estimate` has the breakdown)", need / 2**30, step)
     if torch.cuda.is_available():
         have = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
         # only refuse when clearly too big: the estimate is within about 25%, so allow for that

@@ -267,3 +267,19 @@ def test_checkpointing_and_accumulation_train_the_same_adapter(tiny_model_dir, f
         for key in theirs:
             assert (ours[key] - theirs[key]).abs().max() < 2e-4, f"{name}: {key}"
     assert any(p.abs().sum() > 0 for k, p in lora_tensors(reference.run_dir).items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("packing, expected", [(True, 90 + 80 + 70), (False, 3 * 90)])
+def test_the_memory_check_covers_the_largest_step_the_data_makes(packing, expected, tiny_model_dir, tmp_path):
+    """Packed: the batch's longest examples in one row; padded: the longest example, batch times."""
+    import datasets
+
+    from lora_cli.train import longest_step
+
+    lengths = [10, 90, 30, 70, 80, 20]
+    train = datasets.Dataset.from_list([{"input_ids": [1] * n, "labels": [1] * n} for n in lengths])
+    cfg = tiny_config(tiny_model_dir, tmp_path / "d.jsonl", tmp_path / "run", **{
+        "training.per_device_train_batch_size": 3, "data.packing": packing})
+    assert longest_step(train, cfg) == expected
+    # a split keeps its rows in the same table: the bound still sees every row
+    assert longest_step(train.train_test_split(test_size=0.5, seed=0)["train"], cfg) == expected
