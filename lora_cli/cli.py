@@ -430,7 +430,7 @@ def estimate(
     model: Annotated[Optional[str], typer.Option(help=_help("model.name", "Short name, hub id or local folder."))] = None,
     rank: Annotated[Optional[int], typer.Option(help=_help("lora.r", "LoRA rank r."))] = None,
     alpha: Annotated[Optional[int], typer.Option(help=_help("lora.lora_alpha", "LoRA alpha."))] = None,
-    target_modules: Annotated[Optional[str], typer.Option(help=_help("lora.target_modules", "qv, attention, all-linear, or a list."))] = None,
+    target_modules: Annotated[Optional[str], typer.Option(help=_help("lora.target_modules", "qv, attention, mlp, all-linear, or a comma list of module names."))] = None,
     use_4bit: Annotated[Optional[bool], typer.Option("--use-4bit/--no-use-4bit", help="NF4 base weights.")] = None,
     use_8bit: Annotated[Optional[bool], typer.Option("--use-8bit/--no-use-8bit", help="int8 base weights.")] = None,
     dora: Annotated[Optional[bool], typer.Option("--dora/--no-dora", help="DoRA.")] = None,
