@@ -73,7 +73,7 @@ def _setup_logging(debug: bool) -> None:
 
 
 def errors_as_one_line(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Our exceptions become `error: ...` on stderr and an exit status; --debug re-raises them."""
+    """Our exceptions become `error: ...` on stderr and an exit status; --debug prints their traceback too."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

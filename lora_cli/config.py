@@ -216,6 +216,7 @@ def _flatten_yaml(data: dict[str, Any], source: str) -> dict[str, Any]:
     sections = {k.split(".")[0] for k in known if "." in k}
     flat: dict[str, Any] = {}
     problems = []
+    leaf_names = {k.split(".")[-1] for k in known}
     for top, value in data.items():
         if top in sections and isinstance(value, dict):
             items = [(f"{top}.{k}", v) for k, v in value.items()]
@@ -225,8 +226,10 @@ def _flatten_yaml(data: dict[str, Any], source: str) -> dict[str, Any]:
             if key in known:
                 flat[key] = val
                 continue
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6) or \
-                difflib.get_close_matches(key, sections, n=1, cutoff=0.6)  # a misspelt section: modle
+            # a misspelt section (modle:, trainig:) is matched against the sections first, then any key
+            section = difflib.get_close_matches(key, sections, n=1, cutoff=0.6) \
+                if "." not in key and (isinstance(value, dict) or key not in leaf_names) else []
+            close = section or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
             # also match a leaf name typed without its section, or a flag name typed as a key
             leaf = {k.split(".")[-1]: k for k in known}
             by_flag = {v.lstrip("-").replace("-", "_"): k for k, v in FLAGS.items()}

@@ -55,17 +55,18 @@ def _files_of(path: Path, split: str, flag: str) -> list[Path]:
     if not files:
         raise DataError(f"{flag} folder {path} holds no {', '.join(FILE_SUFFIXES)} files")
     named = _split_files(path, files)
-    if not named:
-        return files
-    if split == "train":
-        claimed = {f for found in named.values() for f in found}
-        chosen = named.get("train") or [f for f in files if f not in claimed]
-    else:
-        chosen = next((named[name] for name in HELD_OUT_SPLITS if named.get(name)), [])
+    held_out = [f for name in HELD_OUT_SPLITS for f in named.get(name, [])]
+    if split == "train":  # everything but the held-out files: shards and other names stay training data
+        chosen = [f for f in files if f not in held_out]
+    else:  # the test files, else the validation files, else the whole folder
+        chosen = next((named[name] for name in HELD_OUT_SPLITS if named.get(name)), files)
     if not chosen:
-        wanted = "train" if split == "train" else " or ".join(HELD_OUT_SPLITS)
-        raise DataError(f"{flag} folder {path} holds files for the {', '.join(sorted(named))} split(s) but none for "
-                        f"{wanted}; name the file itself instead")
+        raise DataError(f"{flag} folder {path} holds only held-out files ({', '.join(sorted(named))}); "
+                        "name the training file itself, or add one named train")
+    if len(chosen) < len(files):
+        left = [f.relative_to(path).as_posix() for f in files if f not in chosen]
+        log.info("%s %s: reading %d of its %d files; left out by their split names: %s", flag, path, len(chosen),
+                 len(files), ", ".join(left[:5]) + (", ..." if len(left) > 5 else ""))
     return chosen
 
 
@@ -73,10 +74,13 @@ def _split_files(folder: Path, files: list[Path]) -> dict[str, list[Path]]:
     """{split: files} as `datasets` reads split names from file and folder names; {} when none is named."""
     from datasets.data_files import DataFilesDict, get_data_patterns
 
-    patterns = get_data_patterns(str(folder))
-    if list(patterns) == ["train"] and patterns["train"] == ["**"]:  # the default: no split is named
+    try:
+        patterns = get_data_patterns(str(folder))
+        if list(patterns) == ["train"] and patterns["train"] == ["**"]:  # the default: no split is named
+            return {}
+        resolved = DataFilesDict.from_local_or_remote(patterns, base_path=str(folder))
+    except Exception:  # datasets finds no data where we do (files under _x/ or .x/): no split names then
         return {}
-    resolved = DataFilesDict.from_local_or_remote(patterns, base_path=str(folder))
     named = {}
     for split, found in resolved.items():
         found = {Path(f).resolve() for f in found}
@@ -95,7 +99,8 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
         else:
             return _rows_of(whole, path)
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # "\n" only: splitlines() would also cut at U+2028 and the like, which JSON strings may hold unescaped
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -112,6 +117,8 @@ def _rows_of(whole: Any, path: Path) -> list[dict[str, Any]]:
     """The rows of a whole JSON document: a list of objects, an object holding one such list (as in
     {"data": [...]}), or a single object (one row)."""
     if isinstance(whole, dict):
+        if any(set(columns) <= set(whole) for columns in FORMAT_COLUMNS.values()):
+            return [whole]  # one row, such as {"messages": [...]}
         lists = [value for value in whole.values() if isinstance(value, list) and value
                  and all(isinstance(item, dict) for item in value)]
         if len(lists) == 1:
@@ -250,22 +257,26 @@ def detect_format(rows: list[dict[str, Any]], requested: str = "auto", source: s
     return fmt
 
 
-# The columns a row learns from: a blank one would train the model to answer with nothing.
-RESPONSE_COLUMNS = {"output", "completion", "text"}
+# The column a row learns from, per format: a blank one would teach the model to answer with nothing.
+RESPONSE_COLUMN = {"instruction": "output", "completion": "completion", "text": "text"}
 
 
 def check_rows(rows: list[dict[str, Any]], fmt: str, source: str, identity: dict[str, Any] | None = None) -> None:
-    """Every row holds the format's columns, none of them null (or a missing CSV cell), and a response
-    that is not blank."""
+    """Every row holds the format's columns, none of them null (or a missing CSV cell)."""
     needed = FORMAT_COLUMNS[fmt]
     for number, row in enumerate(rows, start=1):
         for column in needed:
-            value = row.get(column)
-            if value is None or (column in RESPONSE_COLUMNS and not str(value).strip()):
+            if row.get(column) is None:
                 state = "an empty" if column in row else "no"
                 raise DataError(f"{row_name(source, number, identity)} has {state} '{column}' (its columns: "
                                 f"{', '.join(sorted(row)) or 'none'}); every {fmt} row needs "
                                 f"{' and '.join(needed)}: fix or remove that row")
+
+
+def is_blank(row: dict[str, Any], fmt: str) -> bool:
+    """A row with nothing to learn: a blank response (hub corpora hold empty text rows, for one)."""
+    column = RESPONSE_COLUMN.get(fmt)
+    return column is not None and not text_of(row[column]).strip()
 
 
 def text_of(value: Any) -> str:
@@ -451,6 +462,9 @@ def tokenize_rows(rows: list[dict[str, Any]], fmt: str, renderer: Renderer, max_
                   ) -> tuple[list[dict[str, list[int]]], int]:
     examples, dropped = [], 0
     for number, row in enumerate(rows, start=1):
+        if is_blank(row, fmt):
+            dropped += 1
+            continue
         example = tokenize(renderer.render(row, fmt, row_name(source, number, identity)), renderer.tokenizer,
                            max_seq_len, train_on_inputs)
         if all(label == IGNORE_INDEX for label in example["labels"][1:]):
@@ -488,8 +502,8 @@ def prepare(data_cfg: Any, tokenizer: Any, seed: int) -> PreparedData:
         train, dropped = tokenize_rows(rows, fmt, renderer, data_cfg.max_seq_len, data_cfg.train_on_inputs, source,
                                        identity)
         if not train:
-            raise DataError(f"no training row keeps a response token within --max-seq-len {data_cfg.max_seq_len}; "
-                            "raise --max-seq-len or shorten the prompts")
+            raise DataError(f"no training row has a response token within --max-seq-len {data_cfg.max_seq_len} "
+                            "(blank responses are left out); raise --max-seq-len or shorten the prompts")
         eval_examples = None
         if eval_rows is not None:
             eval_examples, _ = tokenize_rows(eval_rows, eval_format, renderer, data_cfg.max_seq_len, False,
@@ -498,7 +512,7 @@ def prepare(data_cfg: Any, tokenizer: Any, seed: int) -> PreparedData:
         eval_ds = datasets.Dataset.from_list(eval_examples) if eval_examples else None
         _write_cache(key, train_ds, eval_ds, dropped)
     if dropped:
-        log.warning("%d of %d rows dropped: their response does not fit in --max-seq-len %d",
+        log.warning("%d of %d rows dropped: their response is blank or does not fit in --max-seq-len %d",
                     dropped, len(rows), data_cfg.max_seq_len)
     if data_cfg.eval_split and not eval_spec:
         _check_split(len(train_ds), data_cfg.eval_split)

@@ -18,10 +18,11 @@ from lora_cli.generate import stop_ids
 GENERAL_TEXT = "general_text.jsonl"
 
 
-def _examples(loaded: Any, rows: list[dict[str, Any]], fmt: str, source: str, max_seq_len: int) -> list[dict]:
+def _examples(loaded: Any, rows: list[dict[str, Any]], fmt: str, source: str, max_seq_len: int,
+              identity: dict[str, Any] | None = None) -> list[dict]:
     from lora_cli.data import tokenize_rows
 
-    examples, _ = tokenize_rows(rows, fmt, loaded.renderer, max_seq_len, False, source)
+    examples, _ = tokenize_rows(rows, fmt, loaded.renderer, max_seq_len, False, source, identity)
     if not examples:
         raise DataError(f"{source}: no row has a response token within {max_seq_len} tokens")
     return examples
@@ -64,14 +65,16 @@ def response_loss(loaded: Any, examples: list[dict], adapter: bool, batch_size: 
 
 def references(rows: list[dict[str, Any]], fmt: str) -> list[tuple[list[dict[str, str]] | str, str]] | None:
     """(prompt, reference answer) pairs where the format carries a reference; None for plain text."""
-    from lora_cli.data import to_messages
+    from lora_cli.data import is_blank, text_of, to_messages
 
     if fmt == "text":
         return None
     if fmt == "completion":
-        return [(str(r["prompt"]), str(r["completion"])) for r in rows]
+        return [(text_of(r["prompt"]), text_of(r["completion"])) for r in rows if not is_blank(r, fmt)]
     pairs = []
     for number, row in enumerate(rows, start=1):
+        if is_blank(row, fmt):  # left out of the losses too: no reference to match
+            continue
         messages = to_messages(row, fmt, f"row {number}")
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         pairs.append((messages[:last], messages[last]["content"]))
@@ -143,7 +146,7 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
         general_rows, _ = read_rows(general_spec, flag="--general")
         check_rows(general_rows, "text", f"--general {general_spec}")
     loaded = adapters.load_for_inference(adapter, model, precision=precision)
-    examples = _examples(loaded, rows, fmt, spec, max_seq_len)
+    examples = _examples(loaded, rows, fmt, spec, max_seq_len, identity)
     pairs = references(rows, fmt)
     report: dict[str, Any] = {"rows": len(examples), "data": spec, "adapter": str(loaded.adapter_dir)}
     for name, on in (("base", False), ("adapted", True)):

@@ -114,13 +114,10 @@ def compare(loaded: Any, prompt: str, sampling: Sampling, raw: bool, out: TextIO
 
 
 def ask(prompt: str) -> str:
-    """input(), with its prompt on stderr: stdout carries only generated text."""
+    """input() with its prompt on stderr (stdout carries only generated text), keeping line editing."""
     sys.stderr.write(prompt)
     sys.stderr.flush()
-    line = sys.stdin.readline()
-    if not line:
-        raise EOFError
-    return line.rstrip("\n")
+    return input()
 
 
 def interactive(loaded: Any, sampling: Sampling, raw: bool, read: Callable[[str], str] = ask) -> None:

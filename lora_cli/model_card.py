@@ -48,7 +48,8 @@ def adapter_card(record: dict[str, Any], where: str) -> str:
         + ("every token trained" if cfg["data"]["train_on_inputs"] else "only response tokens trained"),
         f"- {data['train_examples']} training and {data['eval_examples']} evaluation examples, "
         f"up to {cfg['data']['max_seq_len']} tokens, " + ("packed" if cfg["data"]["packing"] else "padded")
-        + (f"; {data['dropped_rows']} rows dropped (no response left after truncation)" if data["dropped_rows"] else ""),
+        + (f"; {data['dropped_rows']} rows left out (a blank response, or none left after truncation)"
+           if data["dropped_rows"] else ""),
         "",
         "## Training",
         f"- {metrics['global_step']} steps of {_batch(training, record['world_size'])}, learning rate "

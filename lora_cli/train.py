@@ -46,8 +46,6 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     run_dir = _agree_on_run_dir(cfg, world_size)
     runs.check_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite,
                        inputs=(cfg.data.path, cfg.data.eval_data))
-    if cfg.resume and runs.is_finished(run_dir):
-        check_goes_further(cfg, run_dir)
     source = models.resolve_model(cfg.model.name, cfg.model.revision)
 
     import torch
@@ -60,6 +58,8 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     # 2. Tokenizer and data before the weights: bad data fails in seconds, not after a model load.
     tokenizer = models.load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.revision)
     prepared = data.prepare(cfg.data, tokenizer, cfg.training.seed)
+    if cfg.resume and runs.is_finished(run_dir):
+        check_goes_further(cfg, run_dir, len(prepared.train), world_size)
 
     # 3. The frozen base in the fastest precision the hardware has, then the adapter on top.
     precision = models.resolve_precision(cfg.model.precision)
@@ -195,21 +195,22 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     return TrainResult(run_dir, record, model=model)
 
 
-def check_goes_further(cfg: TrainConfig, run_dir: Path) -> None:
+def check_goes_further(cfg: TrainConfig, run_dir: Path, train_rows: int, world_size: int) -> None:
     """Resuming a finished run trains it further, or it would only replace its adapter with a copy trained
     a step past its end (the Trainer takes one more step from a checkpoint at the last step)."""
     from lora_cli import runs
 
-    record = runs.read_manifest(run_dir) or {}
-    done = record.get("metrics", {}).get("global_step", 0)
-    before = record.get("config", {}).get("training", {})
+    done = (runs.read_manifest(run_dir) or {}).get("metrics", {}).get("global_step", 0)
     t = cfg.training
-    if t.max_steps > 0 and t.max_steps > done:
-        return
-    if t.max_steps <= 0 and t.num_train_epochs > before.get("num_train_epochs", t.num_train_epochs):
-        return
-    raise RunError(f"--resume: {run_dir} is finished ({done} steps); to train it further pass a larger --max-steps "
-                   f"or --epochs, or start a new run")
+    if t.max_steps > 0:
+        target, fix = t.max_steps, f"a --max-steps above {done}"
+    else:  # as the Trainer counts an epoch: batches of the data, then optimizer steps of --grad-accum batches
+        batches = math.ceil(train_rows / (t.per_device_train_batch_size * world_size))
+        target = math.ceil(t.num_train_epochs * math.ceil(batches / t.gradient_accumulation_steps))
+        fix = f"more --epochs than {t.num_train_epochs:g}"
+    if target <= done:
+        raise RunError(f"--resume: {run_dir} is finished ({done} steps); to train it further pass {fix}, "
+                       "or start a new run")
 
 
 def final_eval_loss(trainer: Any, last_eval: Any) -> float:

@@ -87,7 +87,7 @@ BAD_INPUTS = [
     (["eval", "--adapter", "nowhere"], 2, "nowhere does not exist"),
     (["eval", "--data", "missing.jsonl"], 2, "no adapter named and no"),
     (["train", "--data", "facts.jsonl", "--model", "MODEL", "--max-seq-len", "3"], 2,
-     "no training row keeps a response token within --max-seq-len 3"),
+     "no training row has a response token within --max-seq-len 3"),
     (["train", "--push-to-hub", "me/my-adapter"], 2, "HF_HUB_OFFLINE=1 forbids uploading"),
     (["train", "--push-to-hub", "not a repo!"], 2, "is not a repository id"),
     (["train", "--config", "push.yaml"], 2, "HF_HUB_OFFLINE=1 forbids uploading"),  # from YAML as from the flag
@@ -170,11 +170,23 @@ def test_bare_resume_never_reopens_a_finished_run(workdir, tiny_model_dir, facts
     assert (workdir / "run" / "adapter_model.safetensors").read_bytes() == adapter
     # named, it is refused too, unless asked to go further than it went
     result = invoke("train", "--resume", "--output-dir", str(workdir / "run"))
-    assert result.exit_code == 2 and "is finished (12 steps); to train it further pass a larger --max-steps" in result.output
+    assert result.exit_code == 2 and "is finished (12 steps); to train it further pass a --max-steps above 12" in result.output
     assert (workdir / "run" / "adapter_model.safetensors").read_bytes() == adapter
     assert invoke("train", "--resume", "--output-dir", str(workdir / "run"), "--max-steps", "15").exit_code == 0
     assert json.loads((workdir / "run" / "lora_run.json").read_text())["metrics"]["global_step"] == 15
     assert logged_steps(workdir / "run")[-3:] == [13, 14, 15]
+
+
+def test_a_finished_run_goes_on_for_more_epochs_only(workdir, tiny_model_dir, facts_file):
+    run = workdir / "run"
+    assert invoke(*tiny_train_args(tiny_model_dir, facts_file, run, "--max-steps", "-1", "--epochs", "1",
+                                   "--save-steps", "2")).exit_code == 0
+    steps = json.loads((run / "lora_run.json").read_text())["metrics"]["global_step"]
+    result = invoke("train", "--resume", "--output-dir", str(run))  # the same epoch count: nothing to add
+    assert result.exit_code == 2 and f"is finished ({steps} steps); to train it further pass more --epochs than 1" \
+        in result.output
+    assert invoke("train", "--resume", "--output-dir", str(run), "--epochs", "2").exit_code == 0
+    assert json.loads((run / "lora_run.json").read_text())["metrics"]["global_step"] == 2 * steps
 
 
 def test_train_json_prints_only_the_manifest(workdir, tiny_model_dir, facts_file):

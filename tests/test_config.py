@@ -31,9 +31,10 @@ def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
 
 def test_a_misspelt_section_gets_a_suggestion_too(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("modle:\n  name: x\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'modle'.*did you mean 'model'"):
-        load_yaml(recipe)
+    for typo, section in (("modle", "model"), ("trainig", "training"), ("lroa", "lora")):
+        recipe.write_text(f"{typo}:\n  seed: 1\n")
+        with pytest.raises(ConfigError, match=rf"unknown key '{typo}'.*did you mean '{section}'\?"):
+            load_yaml(recipe)
 
 
 def test_numbers_written_without_a_dot_are_numbers(tmp_path):

@@ -304,9 +304,33 @@ def test_a_folder_with_split_names_trains_on_train_and_evaluates_on_test(tmp_pat
     (folder / "dataset_info.json").write_text(json.dumps({"description": "not rows"}))
     assert [r["text"] for r in read_rows(str(folder))[0]] == ["train"]
     assert [r["text"] for r in read_rows(str(folder), split="eval")[0]] == ["test"]
-    (folder / "test.jsonl").unlink()
-    with pytest.raises(DataError, match="none for test or validation"):
-        read_rows(str(folder), split="eval", flag="--eval-data")
+    (folder / "notes.jsonl").write_text(json.dumps({"text": "notes"}) + "\n")  # named by no split: training data
+    assert [r["text"] for r in read_rows(str(folder))[0]] == ["notes", "train"]
+    (folder / "test.jsonl").unlink()  # nothing held out: the whole folder is what --eval-data names
+    assert [r["text"] for r in read_rows(str(folder), split="eval")[0]] == ["notes", "train"]
+    (folder / "train.jsonl").rename(folder / "dev.jsonl")
+    (folder / "notes.jsonl").unlink()
+    with pytest.raises(DataError, match="holds only held-out files"):
+        read_rows(str(folder), flag="--data")
+
+
+def test_shards_named_like_the_hub_are_all_training_data(tmp_path):
+    (tmp_path / "data").mkdir()
+    for i in range(2):
+        (tmp_path / "data" / f"shard-0000{i}-of-00002.jsonl").write_text(json.dumps({"text": str(i)}) + "\n")
+    assert [r["text"] for r in read_rows(str(tmp_path))[0]] == ["0", "1"]
+
+
+def test_a_json_file_holding_one_chat_row_is_that_row(tmp_path):
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    (tmp_path / "one.json").write_text(json.dumps(row, indent=2))
+    assert read_rows(str(tmp_path / "one.json"))[0] == [row]
+
+
+def test_line_separators_inside_json_strings_stay_in_their_row(tmp_path):
+    rows = [{"text": "one\u2028two"}, {"text": "three\x85"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert read_rows(str(tmp_path / "d.jsonl"))[0] == rows
 
 
 def test_a_bad_row_in_a_folder_is_named_by_its_file_and_line(tmp_path):
@@ -318,12 +342,13 @@ def test_a_bad_row_in_a_folder_is_named_by_its_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize("output", ["", "   "])
-def test_a_blank_response_is_refused_by_its_row(tmp_path, output):
+def test_rows_with_a_blank_response_are_left_out_and_counted(tokenizer, tmp_path, monkeypatch, output):
+    monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path / "cache"))
     path = tmp_path / "d.csv"
-    path.write_text(f"instruction,output\nq1,a1\nq2,{output}\n")
-    rows, identity = read_rows(str(path))
-    with pytest.raises(DataError, match="row 2 has an empty 'output'"):
-        detect_format(rows, "auto", "--data d.csv", identity)
+    path.write_text(f"instruction,output\nq1,a1\nq2,{output}\nq3,a3\n")
+    prepared = _prepare(path, tokenizer)
+    assert prepared.dropped == 1 and len(prepared.train) == 2
+    assert [trained_text(row, tokenizer) for row in prepared.train] == ["a1<|im_end|>", "a3<|im_end|>"]
 
 
 def test_falsy_answers_are_answers(tokenizer):
