@@ -274,9 +274,17 @@ def check_rows(rows: list[dict[str, Any]], fmt: str, source: str, identity: dict
 
 
 def is_blank(row: dict[str, Any], fmt: str) -> bool:
-    """A row with nothing to learn: a blank response (hub corpora hold empty text rows, for one)."""
+    """A row with nothing to learn: a blank response, or a conversation whose assistant turns are all blank
+    (hub corpora hold empty text rows, for one)."""
     column = RESPONSE_COLUMN.get(fmt)
-    return column is not None and not text_of(row[column]).strip()
+    if column is not None:
+        return not text_of(row[column]).strip()
+    try:
+        messages = to_messages(row, fmt, "")
+    except DataError:
+        return False  # malformed: rendering names the row
+    answers = [m["content"] for m in messages or () if m["role"] == "assistant"]
+    return bool(answers) and not any(answer.strip() for answer in answers)
 
 
 def text_of(value: Any) -> str:

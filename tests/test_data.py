@@ -351,6 +351,15 @@ def test_rows_with_a_blank_response_are_left_out_and_counted(tokenizer, tmp_path
     assert [trained_text(row, tokenizer) for row in prepared.train] == ["a1<|im_end|>", "a3<|im_end|>"]
 
 
+def test_a_conversation_whose_answers_are_all_blank_is_left_out(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path / "cache"))
+    turns = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}] for answer in ("hello", " ")]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in turns))
+    prepared = _prepare(path, tokenizer)
+    assert prepared.dropped == 1 and [trained_text(row, tokenizer) for row in prepared.train] == ["hello<|im_end|>"]
+
+
 def test_falsy_answers_are_answers(tokenizer):
     example = tokenize(Renderer(tokenizer).render({"instruction": "1-1?", "output": 0}, "instruction", "r"),
                        tokenizer, 512, False)
