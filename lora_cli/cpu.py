@@ -173,9 +173,20 @@ def bf16_time_ratio(rounds: int = 3) -> float:
 
 
 def _time_int8_against_fp32() -> bool:
-    """True when a frozen layer's input gradient through int8 (quantizing the gradient, the int8
-    matmul, scaling back) takes at most 1/1.5 of the fp32 matmul's time."""
-    return int8_speedup() >= 1.5
+    """True when this CPU's int8 matmul is exact and a frozen layer's input gradient through it
+    (quantizing the gradient, the int8 matmul, scaling back) takes at most 1/1.5 of fp32's time."""
+    return int8_matmul_is_exact() and int8_speedup() >= 1.5
+
+
+def int8_matmul_is_exact() -> bool:
+    """Whether `torch._int_mm` gives the exact int32 product here. Without VNNI, oneDNN's int8 kernels
+    saturate int16 intermediates (AVX2, AVX512 without VNNI): the gradients would be wrong, not rounded."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (64, 1024), dtype=torch.int8, generator=generator)
+    b = torch.randint(-127, 128, (1024, 64), dtype=torch.int8, generator=generator)
+    return bool(torch.equal(torch._int_mm(a, b), a.to(torch.int32) @ b.to(torch.int32)))
 
 
 def int8_speedup(rounds: int = 3) -> float:

@@ -139,9 +139,10 @@ def test_70b_model_is_too_big_for_8gb_even_in_4bit():
 
 def test_70b_estimate_takes_seconds_not_minutes():
     config = _config("llama3-70b")
+    estimate(_config("smollm2-135m"))  # the first estimate of a process imports torch and peft: not timed
     start = time.perf_counter()
     estimate(config, quantization="4bit")  # all-linear: 560 adapted modules, on meta
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 20  # about 1 s here; minutes if it built real weights
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.json")), ids=lambda p: p.stem)

@@ -247,6 +247,8 @@ def test_the_log_says_why_auto_left_bf16_aside():
 
 
 _STEPS_OF_CHANGING_LENGTH = """
+import ctypes
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: with hugepages 'always', faults are few anyway
 import ctypes, random, resource, sys
 from lora_cli import cpu
 applied = cpu.keep_freed_memory() if sys.argv[1] == "keep" else False
@@ -317,7 +319,10 @@ def _loss_and_lora_grads(model, batch):
 
 def test_int8_input_gradients_leave_the_forward_exact_and_the_lora_gradients_close(tiny_model_dir):
     """Frozen projections' input gradients through int8: the same loss, LoRA gradients within int8's rounding."""
-    from lora_cli import int8_backward
+    from lora_cli import cpu, int8_backward
+
+    if not cpu.int8_matmul_is_exact():
+        pytest.skip("this CPU's int8 matmul saturates (no VNNI): lora never picks int8 here")
 
     torch.manual_seed(0)
     ids = torch.randint(3, 300, (2, 48))
@@ -380,6 +385,7 @@ def test_the_int8_choice_follows_the_cpus_timing_and_is_kept_beside_the_bf16_one
     (tmp_path / cpu.PRECISION_FILE).write_text(json.dumps({"bf16 answer kept beside it": True}))
     timings = []
     monkeypatch.setattr(cpu, "int8_speedup", lambda: timings.append(1) or speedup)
+    monkeypatch.setattr(cpu, "int8_matmul_is_exact", lambda: True)
     cpu.int8_beats_fp32.cache_clear()
     try:
         assert cpu.int8_beats_fp32() is chosen
@@ -392,7 +398,22 @@ def test_the_int8_choice_follows_the_cpus_timing_and_is_kept_beside_the_bf16_one
         cpu.int8_beats_fp32.cache_clear()
 
 
+def test_a_cpu_whose_int8_matmul_saturates_never_gets_int8_gradients(tmp_path, monkeypatch):
+    from lora_cli import cpu
+
+    monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu, "int8_speedup", lambda: 4.0)  # fast, but wrong
+    monkeypatch.setattr(cpu, "int8_matmul_is_exact", lambda: False)
+    cpu.int8_beats_fp32.cache_clear()
+    try:
+        assert cpu.int8_beats_fp32() is False
+    finally:
+        cpu.int8_beats_fp32.cache_clear()
+
+
 def test_the_int8_timing_measures_this_cpu():
     from lora_cli import cpu
+
+    assert isinstance(cpu.int8_matmul_is_exact(), bool)
 
     assert 0.05 < cpu.int8_speedup(rounds=1) < 50  # a ratio of two real timings, whichever way this CPU goes

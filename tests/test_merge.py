@@ -451,6 +451,8 @@ def test_a_merged_model_is_prompted_as_its_run_was(rows, overrides, tiny_model_d
     history = [{"role": "user", "content": QUESTION}]
     assert prompt_text(alone, history, raw=False) == prompt_text(with_run, history, raw=False)
     runner = CliRunner()
-    answers = [runner.invoke(cli.app, ["generate", *where, "--prompt", QUESTION, "--max-new-tokens", "12"]).stdout
+    # fp32 on every CPU: in bf16 the first token of this barely trained run is a near tie
+    answers = [runner.invoke(cli.app, ["generate", *where, "--prompt", QUESTION, "--max-new-tokens", "12",
+                                       "--precision", "fp32"]).stdout
                for where in (["--adapter", str(run.run_dir)], ["--model", str(merged)])]
     assert answers[0] == answers[1] and answers[0].strip()
