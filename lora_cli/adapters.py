@@ -56,9 +56,9 @@ def base_of(adapter_dir: Path, manifest: dict[str, Any] | None) -> str:
         base = manifest["base_model"]
         if base.get("path") and Path(base["path"]).is_dir():
             return base["path"]
-        from lora_cli.models import EMBEDDED
+        from lora_cli.models import is_embedded
 
-        if base["name"].lower() == EMBEDDED:  # rebuilt offline where the cache lost it, not the hub's own weights
+        if is_embedded(base["name"]):  # rebuilt offline where the cache lost it, not the hub's own weights
             return base["name"]
         return base.get("hub_id") or base["name"]
     config = json.loads((adapter_dir / "adapter_config.json").read_text())

@@ -216,7 +216,9 @@ def _flatten_yaml(data: dict[str, Any], source: str) -> dict[str, Any]:
     sections = {k.split(".")[0] for k in known if "." in k}
     flat: dict[str, Any] = {}
     problems = []
-    leaf_names = {k.split(".")[-1] for k in known}
+    # a leaf name typed without its section, or a flag name typed as a key
+    leaf = {k.split(".")[-1]: k for k in known}
+    by_flag = {v.lstrip("-").replace("-", "_"): k for k, v in FLAGS.items()}
     for top, value in data.items():
         if top in sections and isinstance(value, dict):
             items = [(f"{top}.{k}", v) for k, v in value.items()]
@@ -228,11 +230,8 @@ def _flatten_yaml(data: dict[str, Any], source: str) -> dict[str, Any]:
                 continue
             # a misspelt section (modle:, trainig:) is matched against the sections first, then any key
             section = difflib.get_close_matches(key, sections, n=1, cutoff=0.6) \
-                if "." not in key and (isinstance(value, dict) or key not in leaf_names) else []
+                if "." not in key and (isinstance(value, dict) or key not in leaf) else []
             close = section or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            # also match a leaf name typed without its section, or a flag name typed as a key
-            leaf = {k.split(".")[-1]: k for k in known}
-            by_flag = {v.lstrip("-").replace("-", "_"): k for k, v in FLAGS.items()}
             hint = close[0] if close else leaf.get(key.split(".")[-1]) or by_flag.get(key.split(".")[-1])
             problems.append(f"unknown key '{key}' in {source}" + (f" (did you mean '{hint}'?)" if hint else ""))
     if problems:

@@ -43,9 +43,9 @@ HELD_OUT_SPLITS = ("test", "validation")  # where --eval-data and `lora eval` lo
 
 
 def _files_of(path: Path, split: str, flag: str) -> list[Path]:
-    """The data files of a file or folder. In a folder whose file names name their split (train.jsonl,
-    test.jsonl, data/validation-00000.parquet: the names `datasets` recognises), only the split asked
-    for is read: "train", or "eval" for the test split, else the validation split."""
+    """The data files of a file or folder. In a folder whose file or folder names name a held-out split
+    (test.jsonl, validation/, dev.csv: the names `datasets` recognises), "train" reads every file but
+    those, and "eval" reads the test files, else the validation files, else the whole folder."""
     if not path.is_dir():
         if path.suffix.lower() not in FILE_SUFFIXES:
             raise DataError(f"{flag} {path}: unsupported file type '{path.suffix}'; use JSONL, JSON, CSV or Parquet")
@@ -55,7 +55,7 @@ def _files_of(path: Path, split: str, flag: str) -> list[Path]:
     if not files:
         raise DataError(f"{flag} folder {path} holds no {', '.join(FILE_SUFFIXES)} files")
     named = _split_files(path, files)
-    held_out = [f for name in HELD_OUT_SPLITS for f in named.get(name, [])]
+    held_out = {f for name in HELD_OUT_SPLITS for f in named.get(name, [])}
     if split == "train":  # everything but the held-out files: shards and other names stay training data
         chosen = [f for f in files if f not in held_out]
     else:  # the test files, else the validation files, else the whole folder
@@ -287,6 +287,12 @@ def is_blank(row: dict[str, Any], fmt: str) -> bool:
     return bool(answers) and not any(answer.strip() for answer in answers)
 
 
+def with_input(message: dict[str, str]) -> str:
+    """A message's text with an instruction row's `input` after it, where a template has no place of its own
+    for the input (chat templates, raw prompts)."""
+    return message["content"] + ("\n\n" + message["input"] if message.get("input") else "")
+
+
 def text_of(value: Any) -> str:
     """A cell as text: null is empty, anything else (0 and false are answers too) is its string."""
     return "" if value is None else str(value)
@@ -375,8 +381,7 @@ class Renderer:
         return self.bos + text
 
     def _apply(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        plain = [{"role": m["role"], "content": m["content"] + ("\n\n" + m["input"] if m.get("input") else "")}
-                 for m in messages]
+        plain = [{"role": m["role"], "content": with_input(m)} for m in messages]
         return self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _render_chat(self, messages: list[dict[str, str]], where: str) -> Rendered:

@@ -41,9 +41,9 @@ def uses_raw_prompts(loaded: Any) -> bool:
 
 def prompt_text(loaded: Any, history: list[dict[str, str]], raw: bool) -> str:
     if raw or uses_raw_prompts(loaded):
-        last = history[-1]
-        text = last["content"] + ("\n\n" + last["input"] if last.get("input") else "")
-        return loaded.renderer.continuation(text)
+        from lora_cli.data import with_input
+
+        return loaded.renderer.continuation(with_input(history[-1]))
     return loaded.renderer.prompt(history)
 
 

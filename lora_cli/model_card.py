@@ -119,7 +119,7 @@ def merged_card(report: dict[str, Any], manifest: dict[str, Any] | None, base: d
 
 
 def _is_embedded(base: dict[str, Any]) -> bool:
-    return str(base.get("name") or "").lower() == models.EMBEDDED
+    return models.is_embedded(base.get("name"))
 
 
 def _base_name(base: dict[str, Any]) -> str:

@@ -48,10 +48,15 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def is_embedded(name: str | None) -> bool:
+    """Whether a model name is the embedded default's (in any case)."""
+    return str(name or "").lower() == EMBEDDED
+
+
 def resolve_model(name: str | None, revision: str | None = None) -> ModelSource:
     """A short name, a local folder or a hub id -> where to load it from; no weights are read."""
     name = name or EMBEDDED
-    if name.lower() == EMBEDDED:
+    if is_embedded(name):
         from lora_cli.default_model import ensure_default_model
 
         return ModelSource(name, str(ensure_default_model()), SHORT_NAMES[EMBEDDED], local=True)

@@ -232,15 +232,15 @@ def longest_step(train: Any, cfg: TrainConfig) -> int:
     return sum(lengths[-batch:]) if cfg.data.packing else batch * lengths[-1]
 
 
-def check_memory(cfg: TrainConfig, source: Any, precision: str, tokens: int | None = None) -> None:
+def check_memory(cfg: TrainConfig, source: Any, precision: str, tokens: int) -> None:
     """Print what the run will need, and refuse at once when it clearly cannot fit the GPU it has.
-    `tokens` is the largest step the data makes (`longest_step`); without it, full batches of --max-seq-len."""
+    `tokens` is the largest step the data makes (`longest_step`)."""
     import torch
 
     from lora_cli import estimate
 
     batch = cfg.training.per_device_train_batch_size
-    seq = min(cfg.data.max_seq_len, -(-tokens // batch)) if tokens else cfg.data.max_seq_len
+    seq = min(cfg.data.max_seq_len, -(-tokens // batch))
     try:
         report = estimate.estimate_run(cfg, estimate.load_model_config(source.location), compute_dtype=precision,
                                        device="cuda" if torch.cuda.is_available() else "cpu", model=source.name,
@@ -249,8 +249,8 @@ def check_memory(cfg: TrainConfig, source: Any, precision: str, tokens: int | No
         log.debug("no memory estimate: %s", exc)
         return
     need = report["memory"]["total_bytes"]
-    step = f"the largest step this data makes, {tokens} tokens" if tokens else f"batch {batch} x {seq} tokens"
-    log.info("Estimated peak memory: %.1f GiB (%s; `lora estimate` has the breakdown)", need / 2**30, step)
+    log.info("Estimated peak memory: %.1f GiB (the largest step this data makes, %d tokens; `lora estimate` has "
+             "the breakdown)", need / 2**30, tokens)
     if torch.cuda.is_available():
         have = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
         # only refuse when clearly too big: the estimate is within about 25%, so allow for that
