@@ -65,15 +65,20 @@ def base_of(adapter_dir: Path, manifest: dict[str, Any] | None) -> str:
     return config.get("base_model_name_or_path") or ""
 
 
-def load_for_inference(adapter: str | None = None, model: str | None = None, *, precision: str = "auto",
-                       quantization: str | None = "as-trained", template: str = "auto") -> LoadedModel:
-    """Base + adapter (`adapter`, default runs/latest), or a plain model folder when only `model` is given.
+@dataclass
+class LoadPlan:
+    """What load_for_inference will load, known from the run folder before any model library is imported."""
 
-    `model` with `adapter` overrides the base recorded in the run. A QLoRA adapter is run on the 4-bit
-    base it was trained against unless `quantization` says otherwise.
-    """
-    from lora_cli import models, runs
-    from lora_cli.data import Renderer
+    adapter_dir: Path | None
+    manifest: dict[str, Any] | None
+    base_name: str
+    trained: dict[str, Any]  # the run's model options (revision, permissions); {} when --model overrides the base
+    quantization: str | None  # the bitsandbytes mode the adapter was trained against
+
+
+def plan_load(adapter: str | None, model: str | None) -> LoadPlan:
+    """The adapter folder (default runs/latest) and the base it goes on, or only `model` when no adapter is named."""
+    from lora_cli import runs
 
     adapter_dir = None if (model and not adapter) else runs.find_run(adapter)
     manifest = runs.read_manifest(adapter_dir) if adapter_dir else None
@@ -82,10 +87,26 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, *, 
         raise LoraError(f"cannot tell which base model {adapter_dir} belongs to; pass it with --model")
     # the base exactly as training loaded it: same revision, same permissions
     trained = (manifest or {}).get("config", {}).get("model", {}) if not model else {}
+    return LoadPlan(adapter_dir, manifest, base_name, trained,
+                    (manifest or {}).get("base_model", {}).get("quantization"))
+
+
+def load_for_inference(adapter: str | None = None, model: str | None = None, *, precision: str = "auto",
+                       quantization: str | None = "as-trained", template: str = "auto") -> LoadedModel:
+    """Base + adapter (`adapter`, default runs/latest), or a plain model folder when only `model` is given.
+
+    `model` with `adapter` overrides the base recorded in the run. A QLoRA adapter is run on the 4-bit
+    base it was trained against unless `quantization` says otherwise.
+    """
+    from lora_cli import models
+    from lora_cli.data import Renderer
+
+    plan = plan_load(adapter, model)
+    adapter_dir, manifest, trained = plan.adapter_dir, plan.manifest, plan.trained
     revision = trained.get("revision")
-    source = models.resolve_model(base_name, revision)
+    source = models.resolve_model(plan.base_name, revision)
     if quantization == "as-trained":
-        quantization = (manifest or {}).get("base_model", {}).get("quantization")
+        quantization = plan.quantization
     resolved = models.resolve_precision(precision)
     home = tokenizer_folder(adapter_dir, source.location)
     tokenizer = models.load_tokenizer(source if home == source.location else

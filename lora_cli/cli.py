@@ -29,7 +29,7 @@ app = typer.Typer(
     add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-state = {"debug": False}
+state = {"debug": False, "own_process": False}  # own_process: started as `lora`, not run in-process by a caller
 
 
 def _version(value: bool) -> None:
@@ -70,6 +70,23 @@ def _setup_logging(debug: bool) -> None:
         warnings.filterwarnings("ignore")
         # bitsandbytes logs at import that an optional CPU kernel package is missing: harmless here
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def _lean_start(model: str | None, revision: str | None, quantization: str | None) -> None:
+    """In a `lora` process, leave out the libraries this run cannot use before anything imports them."""
+    if state["own_process"]:
+        from lora_cli import startup
+
+        startup.leave_out_bitsandbytes(model, revision, quantization)
+
+
+def _lean_start_for(adapter: str | None, model: str | None) -> None:
+    """_lean_start for a command that loads a trained adapter (or a plain model) as its run recorded it."""
+    if state["own_process"]:
+        from lora_cli import adapters
+
+        plan = adapters.plan_load(adapter, model)
+        _lean_start(plan.base_name, plan.trained.get("revision"), plan.quantization)
 
 
 def errors_as_one_line(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -194,6 +211,7 @@ def train(
             logging.getLogger("lora_cli").warning(
                 "%s records no options (an older lora made it): resuming with the options given now, which "
                 "must be the ones it started with", run_dir)
+    _lean_start(cfg.model.name, cfg.model.revision, cfg.model.quantization)
     from lora_cli.hub import check_push_target
 
     check_push_target(cfg.push_to_hub)
@@ -323,6 +341,7 @@ def generate(
         check_can_create(output, "--output")
     if compare_base and (model and not adapter):
         raise ConfigError("--compare needs an adapter: it compares the base with base + adapter")
+    _lean_start_for(adapter, model)
     from lora_cli import adapters
     from lora_cli import generate as gen
 
@@ -375,6 +394,7 @@ def eval_command(
         results = evaluate.harness(tasks, base, run_dir, include_path, limit, chat_template=chat)
         typer.echo(json.dumps(results, indent=2) if as_json else evaluate.format_harness(results))
         return
+    _lean_start_for(adapter, model)
     report = evaluate.evaluate(adapter, model, data, None if no_general else (general or "default"), limit,
                                precision=precision, data_format=data_format)
     if as_json:
@@ -494,6 +514,7 @@ def info(
 def run() -> None:
     """Console-script entry point. Usage errors (a mistyped option, a value of the wrong type) get one
     line like every other error, where typer would draw a six-line box."""
+    state["own_process"] = True
     try:
         code = app(standalone_mode=False)
     except Exception as exc:  # typer's usage errors come from its private copy of click: matched by shape
