@@ -23,10 +23,15 @@ class LoraProgress(ProgressCallback):
         self.start_time: float | None = None
         self.start_tokens = 0
         self.eval_seconds = 0.0
+        self.first_step_after: float | None = None  # seconds from the command to this process's first step
 
     def on_train_begin(self, args, state, control, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
         self.start_time, self.start_tokens = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.first_step_after is None:
+            self.first_step_after = seconds_since_process_start()
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         super().on_evaluate(args, state, control, metrics=metrics, **kwargs)
@@ -45,6 +50,21 @@ class LoraProgress(ProgressCallback):
         if "eval_loss" in logs:
             # tqdm.write goes to stdout by default; stdout is kept for results (--json)
             self.training_bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}", file=sys.stderr)
+
+
+def seconds_since_process_start() -> float | None:
+    """How long ago the operating system started this `lora` process; None where it cannot say, or where
+    lora_cli runs inside a process started for something else."""
+    from lora_cli import startup
+
+    if not startup.command_process:
+        return None
+    try:
+        import psutil
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # psutil missing, or a platform without process start times
+        return None
 
 
 class JsonlLog(TrainerCallback):

@@ -29,7 +29,7 @@ app = typer.Typer(
     add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-state = {"debug": False, "own_process": False}  # own_process: started as `lora`, not run in-process by a caller
+state = {"debug": False}
 
 
 def _version(value: bool) -> None:
@@ -72,21 +72,16 @@ def _setup_logging(debug: bool) -> None:
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def _lean_start(model: str | None, revision: str | None, quantization: str | None) -> None:
-    """In a `lora` process, leave out the libraries this run cannot use before anything imports them."""
-    if state["own_process"]:
-        from lora_cli import startup
-
-        startup.leave_out_bitsandbytes(model, revision, quantization)
-
-
 def _lean_start_for(adapter: str | None, model: str | None) -> None:
-    """_lean_start for a command that loads a trained adapter (or a plain model) as its run recorded it."""
-    if state["own_process"]:
+    """For a command that loads a trained adapter (or a plain model) as its run recorded it: leave out
+    the libraries it cannot use before anything imports them (in a `lora` process only)."""
+    from lora_cli import startup
+
+    if startup.command_process:
         from lora_cli import adapters
 
         plan = adapters.plan_load(adapter, model)
-        _lean_start(plan.base_name, plan.trained.get("revision"), plan.quantization)
+        startup.leave_out_bitsandbytes(plan.base_name, plan.trained.get("revision"), plan.quantization)
 
 
 def errors_as_one_line(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -211,7 +206,9 @@ def train(
             logging.getLogger("lora_cli").warning(
                 "%s records no options (an older lora made it): resuming with the options given now, which "
                 "must be the ones it started with", run_dir)
-    _lean_start(cfg.model.name, cfg.model.revision, cfg.model.quantization)
+    from lora_cli import startup
+
+    startup.leave_out_bitsandbytes(cfg.model.name, cfg.model.revision, cfg.model.quantization)
     from lora_cli.hub import check_push_target
 
     check_push_target(cfg.push_to_hub)
@@ -236,9 +233,11 @@ def train(
 
 def _train_summary(run_dir: Path, manifest: dict[str, Any]) -> str:
     m = manifest["metrics"]
+    started = f", first step {m['seconds_to_first_step']:.1f} s after the command" \
+        if m.get("seconds_to_first_step") is not None else ""
     lines = [
         f"Done in {m['train_runtime_s']:.0f} s{_evaluating(m)}: {m['global_step']} steps, "
-        f"{m['tokens_per_second']:.0f} tokens/s.",
+        f"{m['tokens_per_second']:.0f} tokens/s{started}.",
         f"  trainable parameters  {m['trainable_params']:,} of {m['total_params']:,} "
         f"({100 * m['trainable_params'] / m['total_params']:.2f}%)",
         f"  final train loss      {m['train_loss']:.4f}",
@@ -514,7 +513,9 @@ def info(
 def run() -> None:
     """Console-script entry point. Usage errors (a mistyped option, a value of the wrong type) get one
     line like every other error, where typer would draw a six-line box."""
-    state["own_process"] = True
+    from lora_cli import startup
+
+    startup.command_process = True
     try:
         code = app(standalone_mode=False)
     except Exception as exc:  # typer's usage errors come from its private copy of click: matched by shape

@@ -7,8 +7,8 @@ that quantizes nothing and whose base is not stored quantized never calls it, so
 marks it absent the way Python documents it, with None in `sys.modules`: peft, transformers and
 accelerate then take it as not installed (`importlib.util.find_spec` answers None).
 
-Only the `lora` process itself does this (cli.run). A program that imports lora_cli, or a test
-runner calling the CLI in-process, may still need bitsandbytes afterwards.
+Only a process the `lora` command started does this (`command_process`): a program that imports
+lora_cli, or a test runner calling the CLI in-process, may still need bitsandbytes afterwards.
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ from pathlib import Path
 from typing import Any
 
 
+# True in a process the `lora` command started for one job (set by cli.run); False where lora_cli is a
+# library in someone else's process (a notebook, a test runner), whose age says nothing about a run.
+command_process = False
+
+
 def leave_out_bitsandbytes(model: str | None, revision: str | None, quantization: str | None) -> bool:
     """Mark bitsandbytes absent for this process when the run can do without it; True when it did.
 
@@ -26,7 +31,7 @@ def leave_out_bitsandbytes(model: str | None, revision: str | None, quantization
     no `quantization_config` (a checkpoint stored in 4-bit needs bitsandbytes to load). A base not
     downloaded yet keeps bitsandbytes: its config is unknown, and the download dwarfs the saving.
     """
-    if quantization or "bitsandbytes" in sys.modules:
+    if not command_process or quantization or "bitsandbytes" in sys.modules:
         return False
     config = config_on_disk(model, revision)
     if config is None or config.get("quantization_config"):

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -31,11 +32,17 @@ def lora_process(*args: str, cwd) -> subprocess.CompletedProcess:
 
 def test_a_plain_run_trains_and_generates_without_bitsandbytes(tmp_path, tiny_model_dir, facts_file):
     run = tmp_path / "run"
+    started = time.time()
     trained = lora_process(*tiny_train_args(tiny_model_dir, facts_file, run, "--max-steps", "3"), cwd=tmp_path)
+    wall = time.time() - started
     assert trained.returncode == 0, trained.stderr
     assert "bitsandbytes: left out" in trained.stderr
     manifest = json.loads((run / "lora_run.json").read_text())
     assert manifest["base_model"]["quantization"] is None and manifest["status"] == "finished"
+    # the start-up the run reports: imports and loading, inside the process's own lifetime
+    first_step = manifest["metrics"]["seconds_to_first_step"]
+    assert 1.0 < first_step < wall - manifest["metrics"]["train_runtime_s"] + 0.5
+    assert f"first step {first_step:.1f} s after the command" in trained.stderr
     answered = lora_process("generate", "--adapter", str(run), "--prompt", "What is the capital of Veloria?",
                             "--max-new-tokens", "4", cwd=tmp_path)
     assert answered.returncode == 0, answered.stderr
@@ -55,8 +62,10 @@ def test_a_4bit_run_keeps_bitsandbytes(tmp_path, tiny_model_dir, facts_file):
 
 
 @pytest.fixture
-def bitsandbytes_unimported():
-    """This test process has imported bitsandbytes already; set it aside, and put it back afterwards."""
+def bitsandbytes_unimported(monkeypatch):
+    """As in a fresh `lora` process: bitsandbytes not imported yet (this test process has imported it:
+    it is set aside, and put back afterwards)."""
+    monkeypatch.setattr(startup, "command_process", True)
     saved = sys.modules.pop("bitsandbytes", None)
     yield
     if saved is not None:
@@ -66,8 +75,11 @@ def bitsandbytes_unimported():
 
 
 def test_left_out_only_for_an_unquantized_base_whose_config_is_here(tmp_path, tiny_model_dir, copy_dir,
-                                                                    bitsandbytes_unimported):
+                                                                    bitsandbytes_unimported, monkeypatch):
     assert not startup.leave_out_bitsandbytes(str(tiny_model_dir), None, "4bit")
+    monkeypatch.setattr(startup, "command_process", False)  # lora_cli inside another program's process
+    assert not startup.leave_out_bitsandbytes(str(tiny_model_dir), None, None)
+    monkeypatch.setattr(startup, "command_process", True)
     assert not startup.leave_out_bitsandbytes("someone/not-downloaded", None, None)  # its config is unknown
     assert not startup.leave_out_bitsandbytes("not a hub id!", None, None)
     stored_4bit = copy_dir(tiny_model_dir, tmp_path / "stored-4bit")
