@@ -38,7 +38,7 @@ def test_two_cpu_processes_train_one_adapter_equal_to_one_process(tiny_model_dir
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LORA_RUNS_DIR": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1"}
     common = ["--max-steps", "8", "--save-steps", "100"]
     two = _train([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
-                  "--master_port", "29533", "-m", "lora_cli"],
+                  "--standalone", "-m", "lora_cli"],
                  [*tiny_train_args(tiny_model_dir, facts_file, tmp_path / "two", *common), "--batch-size", "2"], env, tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     one = _train([sys.executable, "-m", "lora_cli"],
@@ -74,7 +74,7 @@ def test_two_process_run_resumes_from_its_checkpoint(tiny_model_dir, facts_file,
         pytest.skip("torchrun is not installed beside this Python")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LORA_RUNS_DIR": str(tmp_path / "runs")}
     torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
-                "--master_port", "29534", "-m", "lora_cli"]
+                "--standalone", "-m", "lora_cli"]  # --standalone: a free port, whatever else runs here
     # a constant schedule makes "4 steps, then 4 more" the same optimisation as "8 steps"
     common = ["--batch-size", "2", "--save-steps", "4", "--scheduler", "constant", "--warmup", "0"]
     whole = _train(torchrun, [*tiny_train_args(tiny_model_dir, facts_file, tmp_path / "whole", *common),
