@@ -81,7 +81,8 @@ def _lean_start_for(adapter: str | None, model: str | None) -> None:
         from lora_cli import adapters
 
         plan = adapters.plan_load(adapter, model)
-        startup.leave_out_bitsandbytes(plan.base_name, plan.trained.get("revision"), plan.quantization)
+        startup.leave_out_bitsandbytes(plan.base_name, plan.trained.get("revision"), plan.quantization,
+                                       plan.trained.get("trust_remote_code", False))
 
 
 def errors_as_one_line(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -208,7 +209,8 @@ def train(
                 "must be the ones it started with", run_dir)
     from lora_cli import startup
 
-    startup.leave_out_bitsandbytes(cfg.model.name, cfg.model.revision, cfg.model.quantization)
+    startup.leave_out_bitsandbytes(cfg.model.name, cfg.model.revision, cfg.model.quantization,
+                                   cfg.model.trust_remote_code)
     from lora_cli.hub import check_push_target
 
     check_push_target(cfg.push_to_hub)

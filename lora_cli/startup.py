@@ -24,20 +24,29 @@ from typing import Any
 command_process = False
 
 
-def leave_out_bitsandbytes(model: str | None, revision: str | None, quantization: str | None) -> bool:
+def leave_out_bitsandbytes(model: str | None, revision: str | None, quantization: str | None,
+                           trust_remote_code: bool = False) -> bool:
     """Mark bitsandbytes absent for this process when the run can do without it; True when it did.
 
     It can when nothing is to be quantized and the base's config.json, read from this machine, holds
     no `quantization_config` (a checkpoint stored in 4-bit needs bitsandbytes to load). A base not
-    downloaded yet keeps bitsandbytes: its config is unknown, and the download dwarfs the saving.
+    downloaded yet keeps bitsandbytes: its config is unknown, and the download dwarfs the saving. So
+    does a model with its own code, which may import bitsandbytes itself.
     """
-    if not command_process or quantization or "bitsandbytes" in sys.modules:
+    if not command_process or quantization or trust_remote_code or "bitsandbytes" in sys.modules:
         return False
     config = config_on_disk(model, revision)
-    if config is None or config.get("quantization_config"):
+    if config is None or stored_quantized(config):
         return False
     sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
     return True
+
+
+def stored_quantized(config: dict[str, Any]) -> bool:
+    """Whether a checkpoint's config says its weights are stored quantized: at the top, or in the text
+    model's part of a composite config, both of which transformers reads."""
+    parts = [config] + [config.get(key) for key in ("text_config", "decoder", "generator")]
+    return any(isinstance(part, dict) and part.get("quantization_config") for part in parts)
 
 
 def config_on_disk(model: str | None, revision: str | None) -> dict[str, Any] | None:
@@ -63,6 +72,7 @@ def config_on_disk(model: str | None, revision: str | None) -> dict[str, Any] | 
             return None
         path = Path(found) if isinstance(found, str) else None
     try:
-        return json.loads(path.read_text()) if path else None
+        config = json.loads(path.read_text()) if path else None
     except (OSError, ValueError):
         return None
+    return config if isinstance(config, dict) else None

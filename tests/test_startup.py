@@ -87,6 +87,13 @@ def test_left_out_only_for_an_unquantized_base_whose_config_is_here(tmp_path, ti
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (stored_4bit / "config.json").write_text(json.dumps(config))
     assert not startup.leave_out_bitsandbytes(str(stored_4bit), None, None)
+    nested = copy_dir(tiny_model_dir, tmp_path / "nested-4bit")  # a composite config: transformers reads this too
+    config = json.loads((nested / "config.json").read_text())
+    config["text_config"] = {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}
+    (nested / "config.json").write_text(json.dumps(config))
+    assert not startup.leave_out_bitsandbytes(str(nested), None, None)
+    # a model with its own code may import bitsandbytes itself
+    assert not startup.leave_out_bitsandbytes(str(tiny_model_dir), None, None, trust_remote_code=True)
     assert "bitsandbytes" not in sys.modules
 
     assert startup.leave_out_bitsandbytes(str(tiny_model_dir), None, None)
