@@ -7,7 +7,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_cli.errors import LoraError
+from lora_cli.errors import LoraError, RunError, first_line
+
+
+def check_adapter_files(folder: Path) -> None:
+    """Fail in one line, before any model loads, when an adapter folder's config or weights cannot be read."""
+    config_path = folder / "adapter_config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        config = None
+    if not isinstance(config, dict):
+        raise RunError(f"{config_path} is damaged (not a JSON object); restore it, or train the adapter again")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").is_file():  # an older PEFT adapter: PEFT reads it itself
+            return
+        raise RunError(f"{folder} has no adapter_model.safetensors; restore it, or train the adapter again")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            f.keys()
+    except Exception as exc:  # safetensors' own error type, raised for any damage to the header
+        raise RunError(f"{weights} is damaged ({first_line(exc)}); restore it, or train the adapter again") from exc
 
 
 def verify_adapter(folder: Path) -> int:
@@ -117,7 +140,11 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, *, 
     if adapter_dir:
         from peft import PeftModel
 
-        loaded = PeftModel.from_pretrained(base, str(adapter_dir))
+        try:
+            loaded = PeftModel.from_pretrained(base, str(adapter_dir))
+        except Exception as exc:  # shapes or module names that do not fit this base, from peft or torch
+            raise RunError(f"the adapter in {adapter_dir} does not fit the base {source.name} ({first_line(exc)}); "
+                           "pass the base it was trained on with --model, or retrain it") from exc
     else:
         loaded = base
     loaded.eval()

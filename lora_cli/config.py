@@ -220,7 +220,14 @@ def _flatten_yaml(data: dict[str, Any], source: str) -> dict[str, Any]:
     leaf = {k.split(".")[-1]: k for k in known}
     by_flag = {v.lstrip("-").replace("-", "_"): k for k, v in FLAGS.items()}
     for top, value in data.items():
-        if top in sections and isinstance(value, dict):
+        if top in sections and value is None:  # a section whose keys are all commented out
+            continue
+        if top in sections and not isinstance(value, dict):
+            example = next(k.split(".", 1)[1] for k in FLAGS if k.startswith(f"{top}."))
+            problems.append(f"'{top}' in {source} must be a section of keys (such as {top}: {{{example}: ...}}), "
+                            f"not {type(value).__name__} {value!r}")
+            continue
+        if top in sections:
             items = [(f"{top}.{k}", v) for k, v in value.items()]
         else:
             items = [(str(top), value)]

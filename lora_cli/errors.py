@@ -33,3 +33,8 @@ class RunError(LoraError):
     """A run folder is missing, incomplete, or would be overwritten."""
 
     exit_code = 2
+
+
+def first_line(exc: BaseException) -> str:
+    """A library exception's first line, to quote inside one of ours (its name when it has no text)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lora_cli.errors import ConfigError, ModelError
+from lora_cli.errors import ConfigError, ModelError, first_line
 from lora_cli.packed_attention import EAGER_MAX_TOKENS  # torch-free at import, like this module
 from lora_cli.targets import expand_target_modules
 
@@ -69,7 +69,14 @@ def load_model_config(model: str):
         if not (path / "config.json").is_file():
             raise ConfigError(f"Model folder '{model}' has no config.json; point --model at a transformers "
                              f"model folder or use one of: {choices}.")
-        return AutoConfig.from_pretrained(str(path))
+        try:
+            return AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError) as exc:  # a damaged config.json, or one transformers cannot map
+            raise ConfigError(f"Model folder '{model}': its config.json cannot be read ({first_line(exc)}); restore it, "
+                              f"or use one of: {choices}.") from None
+    if path.is_file():
+        raise ConfigError(f"--model {model} is a file; give the model's folder (config.json), a hub id or one of: "
+                          f"{choices}.")
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ConfigError(f"Model folder '{model}' does not exist; give an existing model folder, a hub id "
                          f"or one of: {choices}.")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from lora_cli.errors import ConfigError, LoraError, ModelError, RunError
+from lora_cli.errors import ConfigError, LoraError, ModelError, RunError, first_line
 from lora_cli.safetensors_io import SAFETENSORS_DTYPES, read_header, read_tensor, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -410,7 +410,12 @@ def self_check(folder: Path, base_dir: Path, adapter_dir: Path, tokenizer: Any, 
     from transformers import AutoModelForCausalLM
 
     ids = tokenizer(PROBE, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :64]
-    expected = _probe(lambda: PeftModel.from_pretrained(_reference_base(base_dir, plan), str(adapter_dir)), ids)
+    try:
+        expected = _probe(lambda: PeftModel.from_pretrained(_reference_base(base_dir, plan), str(adapter_dir)), ids)
+    except Exception as exc:  # the adapter's config names modules or shapes its weights or this base lack
+        raise RunError(f"PEFT cannot load the adapter in {adapter_dir} onto {base_dir} for the self-check "
+                       f"({first_line(exc)}); its adapter_config.json does not match its weights or this base. "
+                       "Nothing was kept") from exc
     got = _probe(lambda: AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32), ids)
     diff = (got - expected).abs().max().item()
     if out_code == "F32":

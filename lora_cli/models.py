@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_cli.errors import ConfigError, ModelError
+from lora_cli.errors import ConfigError, ModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,23 @@ def resolve_model(name: str | None, revision: str | None = None) -> ModelSource:
 
         return ModelSource(name, str(ensure_default_model()), SHORT_NAMES[EMBEDDED], local=True)
     path = Path(name).expanduser()
+    if path.is_file():
+        raise ConfigError(f"--model {name} is a file; give the model's folder (config.json and weights), a hub id "
+                          "or one of: " + ", ".join(SHORT_NAMES))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"--model {name} is a folder without config.json; point it at a transformers model folder")
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            config = None
+        if not isinstance(config, dict):
+            raise ConfigError(f"--model {name}: its config.json is damaged (not a JSON object); restore it, or "
+                              "download the model again")
+        from lora_cli.safetensors_io import read_header
+
+        for weights in sorted(path.glob("*.safetensors")):  # headers only: a damaged file fails now, in one line
+            read_header(weights)
         if not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
             raise ConfigError(f"--model {name} holds no weight files ({', '.join(WEIGHT_FILES)}); "
                               "point it at a complete model folder")
@@ -184,10 +199,6 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, revisio
     return tok
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def sharded_engine() -> bool:
     """True under `accelerate launch` with FSDP or DeepSpeed ZeRO-3, which shard the weights themselves."""
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or \
@@ -207,6 +218,7 @@ def load_base_model(source: ModelSource, *, precision: str, quantization: str | 
                     trust_remote_code: bool = False, revision: str | None = None,
                     allow_pickle_weights: bool = False) -> Any:
     """The frozen base in the compute precision, optionally NF4 or int8 through bitsandbytes."""
+    from safetensors import SafetensorError  # a damaged weights file
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -231,12 +243,14 @@ def load_base_model(source: ModelSource, *, precision: str, quantization: str | 
             kwargs["device_map"] = device_map_for_quantized()
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
-    except (OSError, ValueError, ImportError) as exc:
+    except (OSError, ValueError, ImportError, SafetensorError) as exc:
         hint = ""
-        if not allow_pickle_weights and "safetensors" in str(exc).lower():
+        if isinstance(exc, SafetensorError):
+            hint = "; a weights file is damaged: restore it, or download the model again"
+        elif not allow_pickle_weights and "safetensors" in str(exc).lower():
             hint = ("; it has no safetensors weights: pass --allow-pickle-weights to load .bin files "
                     "(unpickling can run code: only for sources you trust)")
-        raise ModelError(f"cannot load model '{source.name}': {_first_line(exc)}{hint}") from None
+        raise ModelError(f"cannot load model '{source.name}': {first_line(exc)}{hint}") from None
     if quantization == "4bit":
         keep_4bit_trainable_on_cpu(model)
     return model

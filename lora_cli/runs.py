@@ -39,10 +39,19 @@ def new_run_dir(model_name: str) -> Path:
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any] | None:
+    """The run's manifest; None when it has none (a plain PEFT adapter folder). A manifest that cannot be
+    read is an error: guessing past it would take a damaged run for an unfinished one."""
+    path = run_dir / MANIFEST
     try:
-        return json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        manifest = exc
+    if not isinstance(manifest, dict):
+        raise RunError(f"{path} is damaged (not a JSON object); restore it from a copy, or train the run again "
+                       f"with `lora train --overwrite --output-dir {run_dir}`")
+    return manifest
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -106,7 +115,18 @@ def find_run(spec: str | None, what: str = "adapter") -> Path:
         raise RunError(f"{path} is an unfinished run; finish it with `lora train --resume --output-dir {path}`")
     if not (path / "adapter_config.json").is_file():
         raise RunError(f"{path} holds no adapter (adapter_config.json); name a finished run or a PEFT adapter folder")
+    from lora_cli.adapters import check_adapter_files
+
+    check_adapter_files(path)
     return path
+
+
+def _unfinished(run_dir: Path) -> bool:
+    """For a scan of every run: a damaged one is not taken for one to resume, nor does it stop the scan."""
+    try:
+        return not is_finished(run_dir)
+    except RunError:
+        return False
 
 
 def resume_dir(output_dir: str | None) -> Path:
@@ -115,7 +135,7 @@ def resume_dir(output_dir: str | None) -> Path:
         return Path(output_dir)
     root = runs_root()
     unfinished = [p for p in (root.iterdir() if root.is_dir() else ())
-                  if p.is_dir() and not p.is_symlink() and not is_finished(p)
+                  if p.is_dir() and not p.is_symlink() and _unfinished(p)
                   and any(checkpoint_is_complete(c) for c in (p / CHECKPOINTS).glob("checkpoint-*"))]
     if not unfinished:
         raise RunError(f"--resume: no unfinished run with a checkpoint in {root}; name the run with --output-dir")

@@ -24,9 +24,15 @@ SAFETENSORS_DTYPES = {"F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "
 
 def read_header(path: Path) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
     """The file's metadata and {name: {dtype, shape, data_offsets}}, in the order the data lies."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+    except (struct.error, ValueError, UnicodeDecodeError, MemoryError, OverflowError) as exc:
+        raise ModelError(f"{path} is damaged or not a safetensors file ({exc}); restore it, or download "
+                         "the model again") from None
     metadata = header.pop("__metadata__", None) or {}
     tensors = dict(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]))
     for info in tensors.values():

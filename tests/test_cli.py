@@ -99,6 +99,12 @@ BAD_INPUTS = [
     (["estimate", "--model", "./no/such/folder"], 2, "does not exist"),
     (["estimate", "--model", "llama-7b", "--target-modules", "nope_proj"], 2, "nope_proj"),
     (["info", "nowhere"], 2, "nowhere does not exist"),
+    (["train", "--config", "scalar.yaml"], 2, "'model' in scalar.yaml must be a section of keys (such as model: {name"),
+    (["train", "--data", "facts.jsonl", "--model", "facts.jsonl"], 2, "--model facts.jsonl is a file; give the model's folder"),
+    (["train", "--data", "facts.jsonl", "--model", "badconfig"], 2, "--model badconfig: its config.json is damaged"),
+    (["estimate", "--model", "badconfig"], 2, "Model folder 'badconfig': its config.json cannot be read"),
+    (["train", "--data", "facts.jsonl", "--model", "badweights"], 1,
+     "badweights/model.safetensors is damaged or not a safetensors file"),
 ]
 
 
@@ -116,11 +122,16 @@ def test_bad_input_gets_one_line_and_leaves_nothing(args, code, message, workdir
     (workdir / "project" / "checkpoints").mkdir(parents=True)  # a folder of the user's that merely looks like a run
     (workdir / "project" / "src").mkdir()
     (workdir / "project" / "src" / "main.py").write_text("precious\n")
+    (workdir / "scalar.yaml").write_text("model: some-model\n")  # a section given as a value
     for folder, files in (("noweights", ["config.json", "tokenizer.json", "tokenizer_config.json"]),
-                          ("notokenizer", ["config.json", "model.safetensors"])):
+                          ("notokenizer", ["config.json", "model.safetensors"]),
+                          ("badconfig", ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]),
+                          ("badweights", ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"])):
         (workdir / folder).mkdir()
         for name in files:
             (workdir / folder / name).write_bytes((tiny_model_dir / name).read_bytes())
+    (workdir / "badconfig" / "config.json").write_text('{"model_type": "llama",')  # cut off mid-write
+    (workdir / "badweights" / "model.safetensors").write_bytes(b"")  # a download that never arrived
     (workdir / "facts.jsonl").write_text(facts_file.read_text())
     args = [str(tiny_model_dir) if a == "MODEL" else a for a in args]
     before = snapshot(workdir)
@@ -323,3 +334,43 @@ def test_push_sends_the_adapter_and_never_the_checkpoints(workdir, tiny_model_di
     assert sent["private"] is True
     assert {"adapter_config.json", "adapter_model.safetensors", "lora_run.json", "tokenizer.json"} <= set(sent["files"])
     assert not [f for f in sent["files"] if f.startswith("checkpoints/") or f.startswith(".")], sent["files"]
+
+
+def _empty_weights(run):
+    (run / "adapter_model.safetensors").write_bytes(b"")
+
+
+def _foreign_targets(run):
+    config = json.loads((run / "adapter_config.json").read_text())
+    config["target_modules"] = ["foo_proj"]
+    (run / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _list_manifest(run):
+    (run / "lora_run.json").write_text("[1, 2]")
+
+
+DAMAGE = [
+    (_empty_weights, ["generate", "eval", "merge", "info"], "adapter_model.safetensors is damaged"),
+    (_foreign_targets, ["generate", "merge"], "foo_proj"),
+    (_list_manifest, ["generate", "eval", "merge", "info"], "lora_run.json is damaged (not a JSON object)"),
+]
+
+
+@pytest.mark.parametrize("damage, commands, message", DAMAGE, ids=[d.__name__.strip("_") for d, _, _ in DAMAGE])
+def test_a_damaged_run_gets_one_line_from_every_command(damage, commands, message, workdir, tiny_model_dir,
+                                                        facts_file):
+    run = workdir / "run"
+    assert invoke(*tiny_train_args(tiny_model_dir, facts_file, run, "--max-steps", "2")).exit_code == 0
+    damage(run)
+    before = snapshot(workdir)
+    for command in commands:
+        args = {"generate": ["generate", "--adapter", str(run), "--prompt", "hi"],
+                "eval": ["eval", "--adapter", str(run), "--data", str(facts_file), "--no-general"],
+                "merge": ["merge", str(run), "--output-dir", str(workdir / "merged")],
+                "info": ["info", str(run)]}[command]
+        result = invoke(*args)
+        lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("Merging ")]
+        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (command, result.output)
+        assert message in lines[0], (command, lines[0])
+    assert snapshot(workdir) == before  # no merged folder, nothing of the run touched

@@ -92,3 +92,13 @@ def test_resume_restores_the_recorded_options_and_refuses_others(tmp_path, monke
     assert build_config(None, {"model.name": "../model"}, recorded=record).model.name == str(model.resolve())
     with pytest.raises(ConfigError, match=r"drop --rank 8 \(the run has 4\)"):
         build_config(None, {"lora.r": 8}, recorded=record)
+
+
+def test_a_section_left_empty_is_fine_and_a_section_given_as_a_value_is_named(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  name: some-model\ntraining:\n#  learning_rate: 1e-3\n")
+    assert load_yaml(recipe) == {"model.name": "some-model"}
+    recipe.write_text("lora: 8\n")
+    with pytest.raises(ConfigError, match=r"'lora' in .*r.yaml must be a section of keys \(such as lora: \{r: ...\}\), "
+                                          r"not int 8"):
+        load_yaml(recipe)
