@@ -262,7 +262,8 @@ RESPONSE_COLUMN = {"instruction": "output", "completion": "completion", "text": 
 
 
 def check_rows(rows: list[dict[str, Any]], fmt: str, source: str, identity: dict[str, Any] | None = None) -> None:
-    """Every row holds the format's columns, none of them null (or a missing CSV cell)."""
+    """Every row holds the format's columns, none of them null (or a missing CSV cell), and text where
+    text goes: a list or an object there would otherwise be trained on as its Python spelling."""
     needed = FORMAT_COLUMNS[fmt]
     for number, row in enumerate(rows, start=1):
         for column in needed:
@@ -271,6 +272,33 @@ def check_rows(rows: list[dict[str, Any]], fmt: str, source: str, identity: dict
                 raise DataError(f"{row_name(source, number, identity)} has {state} '{column}' (its columns: "
                                 f"{', '.join(sorted(row)) or 'none'}); every {fmt} row needs "
                                 f"{' and '.join(needed)}: fix or remove that row")
+        for where, value in _text_cells(row, fmt):
+            if not is_text(value):
+                shown = json.dumps(value, default=str)
+                raise DataError(f"{row_name(source, number, identity)} has {type(value).__name__} "
+                                f"{shown[:60] + ('...' if len(shown) > 60 else '')} in {where}, where text belongs "
+                                "(a string, or a list of {\"type\": \"text\"} parts): fix or remove that row")
+
+
+def _text_cells(row: dict[str, Any], fmt: str) -> list[tuple[str, Any]]:
+    """(where, value) of every cell of a row that is rendered as text."""
+    if fmt in ("chat", "sharegpt"):
+        key = "content" if fmt == "chat" else "value"
+        turns = row[FORMAT_COLUMNS[fmt][0]]
+        return [(f"'{FORMAT_COLUMNS[fmt][0]}' turn {i}", turn[key]) for i, turn in enumerate(turns, start=1)
+                if isinstance(turn, dict) and key in turn] if isinstance(turns, list) else []
+    optional = ("input", "system") if fmt == "instruction" else ()
+    return [(f"'{column}'", row[column]) for column in FORMAT_COLUMNS[fmt] + optional if column in row]
+
+
+def is_text(value: Any) -> bool:
+    """Whether a cell reads as text: a string, a number or true/false, nothing, or a list of text parts
+    (the content of a chat message in OpenAI's format)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return True
+    return isinstance(value, list) and all(
+        isinstance(part, str) or (isinstance(part, dict) and part.get("type") == "text"
+                                  and isinstance(part.get("text"), str)) for part in value)
 
 
 def is_blank(row: dict[str, Any], fmt: str) -> bool:
@@ -294,8 +322,13 @@ def with_input(message: dict[str, str]) -> str:
 
 
 def text_of(value: Any) -> str:
-    """A cell as text: null is empty, anything else (0 and false are answers too) is its string."""
-    return "" if value is None else str(value)
+    """A cell as text: null is empty, text parts are joined in order, anything else (0 and false are
+    answers too) is its string. check_rows has made sure nothing else is here."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return "".join(part if isinstance(part, str) else part["text"] for part in value)
+    return str(value)
 
 
 def to_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, str]] | None:
@@ -303,10 +336,10 @@ def to_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, str
     if fmt == "instruction":
         user = {"role": "user", "content": text_of(row["instruction"])}
         if row.get("input"):
-            user["input"] = str(row["input"])
+            user["input"] = text_of(row["input"])
         messages = [user, {"role": "assistant", "content": text_of(row["output"])}]
         if row.get("system"):
-            messages.insert(0, {"role": "system", "content": str(row["system"])})
+            messages.insert(0, {"role": "system", "content": text_of(row["system"])})
         return messages
     if fmt == "chat":
         raw = row["messages"]

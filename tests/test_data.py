@@ -383,3 +383,35 @@ def test_a_prompts_file_row_with_input_is_prompted_as_training_rendered_it(fixtu
     rendered = renderer.render(row, "instruction", "r")
     prompt = renderer.prompt([question(row, "r")])
     assert rendered.text.startswith(prompt) and rendered.trained[0][0] == len(prompt)
+
+
+def test_openai_text_parts_are_trained_as_their_text(tokenizer):
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is the "},
+                                                       {"type": "text", "text": "capital?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "Quillmont."}]}]}
+    plain = {"messages": [{"role": "user", "content": "What is the capital?"},
+                          {"role": "assistant", "content": "Quillmont."}]}
+    assert detect_format([parts]) == "chat"
+    renderer = Renderer(tokenizer)
+    assert tokenize(renderer.render(parts, "chat", "r"), tokenizer, 512, False) == \
+        tokenize(renderer.render(plain, "chat", "r"), tokenizer, 512, False)
+
+
+@pytest.mark.parametrize("row, where", [
+    ({"instruction": ["a", {"b": 1}], "output": "c"}, "list [\"a\", {\"b\": 1}] in 'instruction'"),
+    ({"instruction": "a", "output": {"x": 1}}, "dict {\"x\": 1} in 'output'"),
+    ({"instruction": "a", "input": {"q": 1}, "output": "b"}, "in 'input'"),
+    ({"messages": [{"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": [{"type": "image_url", "image_url": "x"}]}]}, "'messages' turn 2"),
+    ({"conversations": [{"from": "human", "value": {"text": "hi"}}]}, "'conversations' turn 1"),
+])
+def test_a_list_or_object_where_text_belongs_names_its_row(row, where):
+    with pytest.raises(DataError, match=r"^my.jsonl row 2 has ") as caught:
+        detect_format([_fine(row), row], source="my.jsonl")
+    assert where in str(caught.value) and "where text belongs" in str(caught.value)
+
+
+def _fine(row):
+    """A row of the same format with plain text everywhere."""
+    return {key: ([{"role": "user", "from": "human", "content": "a", "value": "a"}] if isinstance(value, list)
+                  and key in ("messages", "conversations") else "a") for key, value in row.items()}
