@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +241,9 @@ def checkpoint_is_complete(checkpoint: Path) -> bool:
         return False
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
+        for name in ("optimizer.pt", "scheduler.pt"):  # torch.save's zip archives: a cut-off one has no directory
+            with zipfile.ZipFile(checkpoint / name) as archive:
+                archive.namelist()
         from safetensors import safe_open
 
         with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as f:

@@ -142,11 +142,15 @@ def test_bare_resume_picks_the_newest_unfinished_run_with_a_checkpoint(tmp_path,
         if checkpoint:
             saved = tmp_path / name / runs.CHECKPOINTS / "checkpoint-4"
             saved.mkdir()
-            for file in ("trainer_state.json", "optimizer.pt", "scheduler.pt"):
-                (saved / file).write_text("{}")
+            (saved / "trainer_state.json").write_text("{}")
+            for file in ("optimizer.pt", "scheduler.pt"):
+                torch.save({"state": torch.zeros(2)}, saved / file)
             save_file({"a": torch.zeros(2)}, str(saved / "adapter_model.safetensors"))
         time.sleep(0.02)
     os.utime(tmp_path / "a-old" / runs.CHECKPOINTS, (1, 1))
+    (tmp_path / "c-new" / runs.MANIFEST).write_text("[1, 2]")  # damaged: not taken, and the scan goes on
+    assert runs.resume_dir(None) == tmp_path / "a-old"
+    runs.write_json_atomic(tmp_path / "c-new" / runs.MANIFEST, {"status": "started"})
     assert runs.resume_dir(None) == tmp_path / "c-new"
     assert runs.resume_dir(str(tmp_path / "a-old")) == tmp_path / "a-old"  # a named run is taken as named
 
@@ -160,9 +164,16 @@ def test_incomplete_checkpoint_is_skipped_on_resume(tmp_path):
 
     save_file({"a": torch.zeros(2)}, str(good / "adapter_model.safetensors"))
     for name in ("optimizer.pt", "scheduler.pt"):
-        (good / name).write_bytes(b"x")
+        torch.save({"state": torch.zeros(64)}, good / name)
     (good / "trainer_state.json").write_text("{}")
     (broken / "adapter_model.safetensors").write_bytes(b"")  # killed while writing
+    assert runs.newest_checkpoint(tmp_path) == str(good)
+    # complete but for an optimizer state cut off on the way to disk (a full disk, a copy interrupted)
+    for name in ("optimizer.pt", "scheduler.pt", "trainer_state.json", "adapter_model.safetensors"):
+        (broken / name).write_bytes((good / name).read_bytes())
+    assert runs.newest_checkpoint(tmp_path) == str(broken)
+    whole = (broken / "optimizer.pt").read_bytes()
+    (broken / "optimizer.pt").write_bytes(whole[: len(whole) // 2])
     assert runs.newest_checkpoint(tmp_path) == str(good)
 
 
