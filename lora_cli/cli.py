@@ -352,7 +352,7 @@ def generate(
     loaded = adapters.load_for_inference(adapter, model, precision=precision)
     if prompts_file is not None:
         count = gen.batch(loaded, prompts_file, output, sampling, raw)
-        typer.echo(f"Wrote {count} answers to {output}", err=True)
+        typer.echo(f"Wrote {count} answer{'s' if count != 1 else ''} to {output}", err=True)
     elif interactive:
         gen.interactive(loaded, sampling, raw)
     elif compare_base:

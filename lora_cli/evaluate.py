@@ -24,7 +24,8 @@ def _examples(loaded: Any, rows: list[dict[str, Any]], fmt: str, source: str, ma
 
     examples, _ = tokenize_rows(rows, fmt, loaded.renderer, max_seq_len, False, source, identity)
     if not examples:
-        raise DataError(f"{source}: no row has a response token within {max_seq_len} tokens")
+        raise DataError(f"{source}: no row has a response to score (blank, or cut away within {max_seq_len} "
+                        "tokens)")
     return examples
 
 
@@ -148,7 +149,9 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
     loaded = adapters.load_for_inference(adapter, model, precision=precision)
     examples = _examples(loaded, rows, fmt, spec, max_seq_len, identity)
     pairs = references(rows, fmt)
-    report: dict[str, Any] = {"rows": len(examples), "data": spec, "adapter": str(loaded.adapter_dir)}
+    # every row is scored, or left out as training leaves it out: a blank response, or one cut away by the length
+    report: dict[str, Any] = {"rows": len(examples), "left_out_rows": len(rows) - len(examples), "data": spec,
+                              "adapter": str(loaded.adapter_dir)}
     for name, on in (("base", False), ("adapted", True)):
         em = exact_match(loaded, pairs, on)[0] if pairs else None
         report[name] = _side(response_loss(loaded, examples, on), em)
@@ -165,7 +168,10 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
 def format_report(report: dict[str, Any]) -> str:
     """A small side-by-side table for the terminal."""
     keys = [k for k in ("loss", "perplexity", "exact_match") if k in report["base"]]
-    lines = [f"{report['rows']} rows of {report['data']}", f"{'':14}{'base':>12}{'adapted':>12}"]
+    left_out = report.get("left_out_rows") or 0
+    note = f" ({left_out} left out: blank responses, or responses cut away by the length limit)" if left_out else ""
+    rows = f"{report['rows']} row" + ("s" if report["rows"] != 1 else "")
+    lines = [f"{rows} of {report['data']}{note}", f"{'':14}{'base':>12}{'adapted':>12}"]
     for key in keys:
         lines.append(f"{key:14}{report['base'][key]:>12.4f}{report['adapted'][key]:>12.4f}")
     if "general" in report:

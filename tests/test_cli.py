@@ -239,10 +239,22 @@ def test_eval_json_has_base_and_adapted_side_by_side(workdir, tiny_model_dir, fa
     result = runner.invoke(app, ["eval", "--data", str(facts_file), "--json", "--limit", "4", "--no-general"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["rows"] == 4
+    assert report["rows"] == 4 and report["left_out_rows"] == 0
     for side in ("base", "adapted"):
         assert set(report[side]) == {"loss", "perplexity", "exact_match"}
     assert report["adapted"]["loss"] < report["base"]["loss"]  # trained on these very rows
+
+    # rows with nothing to score are left out as training leaves them out, and counted
+    mixed = workdir / "mixed.jsonl"
+    mixed.write_text(facts_file.read_text().splitlines()[0] + "\n" + json.dumps({"instruction": "a", "output": " "})
+                     + "\n" + json.dumps({"instruction": "long " * 2000, "output": "b"}) + "\n")
+    result = runner.invoke(app, ["eval", "--data", str(mixed), "--no-general"])
+    assert result.exit_code == 0, result.output
+    assert f"1 row of {mixed} (2 left out: blank responses, or responses cut away by the length limit)" in result.stdout
+    blank = workdir / "blank.jsonl"
+    blank.write_text(json.dumps({"instruction": "a", "output": ""}) + "\n")
+    result = runner.invoke(app, ["eval", "--data", str(blank), "--no-general"])
+    assert result.exit_code == 2 and "no row has a response to score (blank, or cut away" in result.output
 
     # a --general file without text rows is refused before any model loads, with one line
     from lora_cli import adapters
