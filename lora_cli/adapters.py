@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_cli.errors import LoraError, RunError, first_line
+from lora_cli.errors import ConfigError, LoraError, RunError, first_line
 
 
 def check_adapter_files(folder: Path) -> None:
@@ -128,6 +128,9 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, *, 
     adapter_dir, manifest, trained = plan.adapter_dir, plan.manifest, plan.trained
     revision = trained.get("revision")
     source = models.resolve_model(plan.base_name, revision)
+    if adapter_dir and _merged_adapter(source) == adapter_dir.resolve():
+        raise ConfigError(f"--model {source.name} already holds the adapter {adapter_dir} (lora merge folded it in); "
+                          "drop --adapter to use it as it is, or give the base model with --model")
     if quantization == "as-trained":
         quantization = plan.quantization
     resolved = models.resolve_precision(precision)
@@ -157,12 +160,24 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, *, 
 
 def merged_from(source: Any) -> dict[str, Any]:
     """The template and row format a merged folder's adapter was trained with (its `lora_merge.json`), or {}."""
+    return _merge_record(source).get("trained_on") or {}
+
+
+def _merged_adapter(source: Any) -> Path | None:
+    """The adapter folder a merged model folder was made from, if it is one."""
+    adapter = _merge_record(source).get("adapter")
+    return Path(adapter).resolve() if adapter else None
+
+
+def _merge_record(source: Any) -> dict[str, Any]:
+    """A merged folder's `lora_merge.json` ({} for any other model)."""
     from lora_cli.merge import RECORD
 
     record = Path(source.location) / RECORD
     if not (source.local and record.is_file()):
         return {}
     try:
-        return json.loads(record.read_text()).get("trained_on") or {}
+        found = json.loads(record.read_text())
     except (OSError, ValueError):
         return {}
+    return found if isinstance(found, dict) else {}

@@ -112,6 +112,8 @@ def find_run(spec: str | None, what: str = "adapter") -> Path:
         path = latest_run()
         if path is None:
             raise RunError(f"no {what} named and no {runs_root() / 'latest'} yet; run `lora train` first or name one")
+        if not path.exists():
+            raise RunError(f"{runs_root() / 'latest'} points to {path}, which no longer exists; name a run, or train one")
     if (path / MANIFEST).is_file() and not is_finished(path):
         raise RunError(f"{path} is an unfinished run; finish it with `lora train --resume --output-dir {path}`")
     if not (path / "adapter_config.json").is_file():

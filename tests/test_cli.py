@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -386,3 +387,17 @@ def test_a_damaged_run_gets_one_line_from_every_command(damage, commands, messag
         assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (command, result.output)
         assert message in lines[0], (command, lines[0])
     assert snapshot(workdir) == before  # no merged folder, nothing of the run touched
+
+
+def test_an_adapter_is_not_applied_twice_and_a_dangling_latest_is_named(workdir, tiny_model_dir, facts_file):
+    run = workdir / "run"
+    assert invoke(*tiny_train_args(tiny_model_dir, facts_file, run, "--max-steps", "2")).exit_code == 0
+    assert invoke("merge", str(run), "--output-dir", str(workdir / "merged"), "--no-check").exit_code == 0
+    result = invoke("generate", "--model", str(workdir / "merged"), "--adapter", str(run), "--prompt", "hi")
+    assert result.exit_code == 2 and "already holds the adapter" in result.output, result.output
+    assert invoke("generate", "--model", str(workdir / "merged"), "--prompt", "hi", "--max-new-tokens", "2").exit_code == 0
+
+    shutil.rmtree(run)  # runs/latest still points at it
+    result = invoke("generate", "--prompt", "hi")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "latest points to" in result.output and "which no longer exists" in result.output
