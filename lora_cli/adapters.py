@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_cli.errors import ConfigError, LoraError, RunError, first_line
+from lora_cli.errors import ConfigError, LoraError, ModelError, RunError, first_line
 
 
 def check_adapter_files(folder: Path) -> None:
@@ -24,13 +24,13 @@ def check_adapter_files(folder: Path) -> None:
         if (folder / "adapter_model.bin").is_file():  # an older PEFT adapter: PEFT reads it itself
             return
         raise RunError(f"{folder} has no adapter_model.safetensors; restore it, or train the adapter again")
-    from safetensors import safe_open
+    from lora_cli.safetensors_io import read_header  # the header only, and no torch import (`lora info`)
 
     try:
-        with safe_open(str(weights), "pt") as f:
-            f.keys()
-    except Exception as exc:  # safetensors' own error type, raised for any damage to the header
-        raise RunError(f"{weights} is damaged ({first_line(exc)}); restore it, or train the adapter again") from exc
+        read_header(weights)
+    except ModelError:
+        raise RunError(f"{weights} is damaged (its header cannot be read); restore it, or train the adapter "
+                       "again") from None
 
 
 def verify_adapter(folder: Path) -> int:
@@ -99,11 +99,12 @@ class LoadPlan:
     quantization: str | None  # the bitsandbytes mode the adapter was trained against
 
 
-def plan_load(adapter: str | None, model: str | None) -> LoadPlan:
-    """The adapter folder (default runs/latest) and the base it goes on, or only `model` when no adapter is named."""
+def plan_load(adapter: str | None, model: str | None, adapter_required: bool = False) -> LoadPlan:
+    """The adapter folder (default runs/latest) and the base it goes on, or only `model` when no adapter is
+    named (unless `adapter_required`: then no adapter named means runs/latest, as for merge)."""
     from lora_cli import runs
 
-    adapter_dir = None if (model and not adapter) else runs.find_run(adapter)
+    adapter_dir = None if (model and not adapter and not adapter_required) else runs.find_run(adapter)
     manifest = runs.read_manifest(adapter_dir) if adapter_dir else None
     base_name = model or base_of(adapter_dir, manifest)
     if not base_name:
@@ -146,6 +147,8 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, *, 
         try:
             loaded = PeftModel.from_pretrained(base, str(adapter_dir))
         except Exception as exc:  # shapes or module names that do not fit this base, from peft or torch
+            if not adapter_misfit(exc):
+                raise
             raise RunError(f"the adapter in {adapter_dir} does not fit the base {source.name} ({first_line(exc)}); "
                            "pass the base it was trained on with --model, or retrain it") from exc
     else:
@@ -158,15 +161,22 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, *, 
                        trained_data.get("format"))
 
 
+def adapter_misfit(exc: BaseException) -> bool:
+    """Whether PEFT failed to load an adapter because of the adapter itself (module names, shapes, its
+    files), not because memory or a library ran out."""
+    return not (isinstance(exc, (ImportError, MemoryError)) or type(exc).__name__ == "OutOfMemoryError")
+
+
 def merged_from(source: Any) -> dict[str, Any]:
     """The template and row format a merged folder's adapter was trained with (its `lora_merge.json`), or {}."""
     return _merge_record(source).get("trained_on") or {}
 
 
 def _merged_adapter(source: Any) -> Path | None:
-    """The adapter folder a merged model folder was made from, if it is one."""
-    adapter = _merge_record(source).get("adapter")
-    return Path(adapter).resolve() if adapter else None
+    """The adapter folder a merged model folder was made from, if it is one (as an absolute path: a
+    relative one would be read against whatever folder the command runs in)."""
+    adapter = _merge_record(source).get("adapter_path")
+    return Path(adapter) if adapter and Path(adapter).is_absolute() else None
 
 
 def _merge_record(source: Any) -> dict[str, Any]:

@@ -72,7 +72,8 @@ def _setup_logging(debug: bool) -> None:
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def _lean_start_for(adapter: str | None, model: str | None, as_trained: bool = True) -> None:
+def _lean_start_for(adapter: str | None, model: str | None, as_trained: bool = True,
+                    adapter_required: bool = False) -> None:
     """For a command that loads a trained adapter (or a plain model) as its run recorded it: leave out
     the libraries it cannot use before anything imports them (in a `lora` process only). `as_trained`
     False: the base's full-precision weights, whatever the adapter was trained against."""
@@ -81,7 +82,7 @@ def _lean_start_for(adapter: str | None, model: str | None, as_trained: bool = T
     if startup.command_process:
         from lora_cli import adapters
 
-        plan = adapters.plan_load(adapter, model)
+        plan = adapters.plan_load(adapter, model, adapter_required)
         startup.leave_out_bitsandbytes(plan.base_name, plan.trained.get("revision"),
                                        plan.quantization if as_trained else None,
                                        plan.trained.get("trust_remote_code", False))
@@ -427,7 +428,7 @@ def merge(
 
     Example: lora merge runs/latest --dtype bf16
     """
-    _lean_start_for(run_or_adapter, base, as_trained=merge_into == "dequantized")
+    _lean_start_for(run_or_adapter, base, as_trained=merge_into == "dequantized", adapter_required=True)
     from lora_cli import merge as merging
     from lora_cli.hub import check_push_target
 

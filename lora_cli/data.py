@@ -297,8 +297,7 @@ def is_text(value: Any) -> bool:
     if value is None or isinstance(value, (str, int, float, bool)):
         return True
     return isinstance(value, list) and all(
-        isinstance(part, str) or (isinstance(part, dict) and part.get("type") == "text"
-                                  and isinstance(part.get("text"), str)) for part in value)
+        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in value)
 
 
 def is_blank(row: dict[str, Any], fmt: str) -> bool:
@@ -327,7 +326,7 @@ def text_of(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, list):
-        return "".join(part if isinstance(part, str) else part["text"] for part in value)
+        return "".join(part["text"] for part in value)
     return str(value)
 
 

@@ -151,7 +151,8 @@ def merge(adapter: str | None = None, output_dir: str | None = None, base: str |
             if diff > tolerance:
                 raise LoraError(f"the merged model's logits differ from base + adapter by {diff:.3g} (more than "
                                 f"{tolerance:.1e}); nothing was kept. Please report this with the adapter's config")
-        report = {"output_dir": str(out), "adapter": str(adapter_dir), "base": source.location,
+        report = {"output_dir": str(out), "adapter": str(adapter_dir), "adapter_path": str(adapter_dir.resolve()),
+                  "base": source.location,
                   "merge_into": got, "dtype": out_name, "shards": len(layout.shards),
                   "max_logit_diff": diff, "tolerance": tolerance,
                   "seconds": round(time.perf_counter() - started, 2),
@@ -409,13 +410,21 @@ def self_check(folder: Path, base_dir: Path, adapter_dir: Path, tokenizer: Any, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from lora_cli.adapters import adapter_misfit
+
     ids = tokenizer(PROBE, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :64]
-    try:
-        expected = _probe(lambda: PeftModel.from_pretrained(_reference_base(base_dir, plan), str(adapter_dir)), ids)
-    except Exception as exc:  # the adapter's config names modules or shapes its weights or this base lack
-        raise RunError(f"PEFT cannot load the adapter in {adapter_dir} onto {base_dir} for the self-check "
-                       f"({first_line(exc)}); its adapter_config.json does not match its weights or this base. "
-                       "Nothing was kept") from exc
+    def base_and_adapter() -> Any:
+        base = _reference_base(base_dir, plan)
+        try:
+            return PeftModel.from_pretrained(base, str(adapter_dir))
+        except Exception as exc:  # the adapter's config names modules or shapes its weights or this base lack
+            if not adapter_misfit(exc):
+                raise
+            raise RunError(f"PEFT cannot load the adapter in {adapter_dir} onto {base_dir} for the self-check "
+                           f"({first_line(exc)}); its adapter_config.json does not match its weights or this "
+                           "base. Nothing was kept") from exc
+
+    expected = _probe(base_and_adapter, ids)
     got = _probe(lambda: AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32), ids)
     diff = (got - expected).abs().max().item()
     if out_code == "F32":

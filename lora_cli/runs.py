@@ -47,8 +47,10 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         manifest = exc
+    except OSError as exc:
+        raise RunError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not isinstance(manifest, dict):
         raise RunError(f"{path} is damaged (not a JSON object); restore it from a copy, or train the run again "
                        f"with `lora train --overwrite --output-dir {run_dir}`")

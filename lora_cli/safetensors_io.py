@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any, Callable
 
 from lora_cli.errors import LoraError, ModelError
+
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 
 # safetensors dtype codes -> (bytes per element, torch dtype name)
 SAFETENSORS_DTYPES = {"F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
@@ -26,17 +29,22 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
     """The file's metadata and {name: {dtype, shape, data_offsets}}, in the order the data lies."""
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             (length,) = struct.unpack("<Q", f.read(8))
+            # a damaged length must not make us read a whole shard (safetensors' own limit is 100 MB)
+            if length > min(size - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"a header of {length} bytes in a file of {size}")
             header = json.loads(f.read(length))
         if not isinstance(header, dict):
             raise ValueError("its header is not a JSON object")
-    except (struct.error, ValueError, UnicodeDecodeError, MemoryError, OverflowError) as exc:
-        raise ModelError(f"{path} is damaged or not a safetensors file ({exc}); restore it, or download "
+        metadata = header.pop("__metadata__", None) or {}
+        tensors = dict(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]))
+        for info in tensors.values():
+            info["start"] = 8 + length + info["data_offsets"][0]
+    except (struct.error, ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise ModelError(f"{path} is damaged or not a safetensors file ({reason}); restore it, or download "
                          "the model again") from None
-    metadata = header.pop("__metadata__", None) or {}
-    tensors = dict(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]))
-    for info in tensors.values():
-        info["start"] = 8 + length + info["data_offsets"][0]
     return metadata, tensors
 
 

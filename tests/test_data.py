@@ -400,6 +400,7 @@ def test_openai_text_parts_are_trained_as_their_text(tokenizer):
 @pytest.mark.parametrize("row, where", [
     ({"instruction": ["a", {"b": 1}], "output": "c"}, "list [\"a\", {\"b\": 1}] in 'instruction'"),
     ({"instruction": "a", "output": {"x": 1}}, "dict {\"x\": 1} in 'output'"),
+    ({"instruction": "a", "output": ["Paris", "London"]}, "in 'output'"),  # not text parts: which answer?
     ({"instruction": "a", "input": {"q": 1}, "output": "b"}, "in 'input'"),
     ({"messages": [{"role": "user", "content": "hi"},
                    {"role": "assistant", "content": [{"type": "image_url", "image_url": "x"}]}]}, "'messages' turn 2"),

@@ -456,3 +456,26 @@ def test_a_merged_model_is_prompted_as_its_run_was(rows, overrides, tiny_model_d
                                        "--precision", "fp32"]).stdout
                for where in (["--adapter", str(run.run_dir)], ["--model", str(merged)])]
     assert answers[0] == answers[1] and answers[0].strip()
+
+
+@pytest.mark.parametrize("damage", ["empty", "length past the end", "huge length", "header not an object",
+                                    "tensor entry not an object"])
+def test_a_damaged_safetensors_header_is_one_error_without_reading_the_file(tmp_path, damage):
+    import json
+    import struct
+
+    from lora_cli.errors import ModelError
+    from lora_cli.safetensors_io import read_header
+
+    def header_file(header: bytes, length: int | None = None) -> bytes:
+        return struct.pack("<Q", len(header) if length is None else length) + header + b"\0" * 64
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes({"empty": b"",
+                      "length past the end": header_file(b"{}", 10_000),
+                      "huge length": header_file(b"{}", 2**62),
+                      "header not an object": header_file(json.dumps([1, 2]).encode()),
+                      "tensor entry not an object": header_file(json.dumps({"w": 1}).encode())}[damage])
+    with pytest.raises(ModelError, match="model.safetensors is damaged or not a safetensors file"):
+        read_header(path)
+

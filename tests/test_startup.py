@@ -62,8 +62,10 @@ def test_a_4bit_run_keeps_bitsandbytes(tmp_path, tiny_model_dir, facts_file):
     answered = lora_process("generate", "--adapter", str(run), "--prompt", "Hi", "--max-new-tokens", "2", cwd=tmp_path)
     assert answered.returncode == 0, answered.stderr
     assert "bitsandbytes: imported" in answered.stderr  # the adapter runs on the 4-bit base it was trained on
-    # merged into the dequantized NF4 weights it was trained against: bitsandbytes quantizes them
-    merged = lora_process("merge", str(run), "--output-dir", str(tmp_path / "merged"), "--no-check", cwd=tmp_path)
+    # merged into the dequantized NF4 weights it was trained against: bitsandbytes quantizes them (the run
+    # named by runs/latest, with the base given: a base alone does not mean "no adapter" to merge)
+    merged = lora_process("merge", "--base", str(tiny_model_dir), "--output-dir", str(tmp_path / "merged"),
+                          cwd=tmp_path)
     assert merged.returncode == 0, merged.stderr
     assert "bitsandbytes: imported" in merged.stderr
 
