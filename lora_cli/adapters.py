@@ -12,12 +12,10 @@ from lora_cli.errors import ConfigError, LoraError, ModelError, RunError, first_
 
 def check_adapter_files(folder: Path) -> None:
     """Fail in one line, before any model loads, when an adapter folder's config or weights cannot be read."""
+    from lora_cli.runs import read_json_object
+
     config_path = folder / "adapter_config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        config = None
-    if not isinstance(config, dict):
+    if read_json_object(config_path) is None:
         raise RunError(f"{config_path} is damaged (not a JSON object); restore it, or train the adapter again")
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
@@ -142,15 +140,8 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, *, 
                                   trust_remote_code=trained.get("trust_remote_code", False),
                                   allow_pickle_weights=trained.get("allow_pickle_weights", False))
     if adapter_dir:
-        from peft import PeftModel
-
-        try:
-            loaded = PeftModel.from_pretrained(base, str(adapter_dir))
-        except Exception as exc:  # shapes or module names that do not fit this base, from peft or torch
-            if not adapter_misfit(exc):
-                raise
-            raise RunError(f"the adapter in {adapter_dir} does not fit the base {source.name} ({first_line(exc)}); "
-                           "pass the base it was trained on with --model, or retrain it") from exc
+        loaded = attach_adapter(base, adapter_dir, source.name,
+                                "pass the base it was trained on with --model, or retrain it")
     else:
         loaded = base
     loaded.eval()
@@ -161,10 +152,18 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, *, 
                        trained_data.get("format"))
 
 
-def adapter_misfit(exc: BaseException) -> bool:
-    """Whether PEFT failed to load an adapter because of the adapter itself (module names, shapes, its
-    files), not because memory or a library ran out."""
-    return not (isinstance(exc, (ImportError, MemoryError)) or type(exc).__name__ == "OutOfMemoryError")
+def attach_adapter(base: Any, adapter_dir: Path, base_name: str, fix: str) -> Any:
+    """PEFT's base + adapter; an adapter that does not fit the base (module names, shapes, its files) is
+    one line that ends with `fix`. Running out of memory, or a missing library, is left as it is."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir))
+    except Exception as exc:
+        if isinstance(exc, (ImportError, MemoryError)) or type(exc).__name__ == "OutOfMemoryError":
+            raise
+        raise RunError(f"the adapter in {adapter_dir} does not fit the base {base_name} ({first_line(exc)}); "
+                       f"{fix}") from exc
 
 
 def merged_from(source: Any) -> dict[str, Any]:
@@ -182,12 +181,6 @@ def _merged_adapter(source: Any) -> Path | None:
 def _merge_record(source: Any) -> dict[str, Any]:
     """A merged folder's `lora_merge.json` ({} for any other model)."""
     from lora_cli.merge import RECORD
+    from lora_cli.runs import read_json_object
 
-    record = Path(source.location) / RECORD
-    if not (source.local and record.is_file()):
-        return {}
-    try:
-        found = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
+    return (read_json_object(Path(source.location) / RECORD) if source.local else None) or {}

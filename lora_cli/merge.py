@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from lora_cli.errors import ConfigError, LoraError, ModelError, RunError, first_line
+from lora_cli.errors import ConfigError, LoraError, ModelError, RunError
 from lora_cli.safetensors_io import SAFETENSORS_DTYPES, read_header, read_tensor, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -407,24 +407,13 @@ def self_check(folder: Path, base_dir: Path, adapter_dir: Path, tokenizer: Any, 
     quantized as in training. The two models are loaded one after the other, to need memory for one.
     """
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lora_cli.adapters import adapter_misfit
+    from lora_cli.adapters import attach_adapter
 
     ids = tokenizer(PROBE, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :64]
-    def base_and_adapter() -> Any:
-        base = _reference_base(base_dir, plan)
-        try:
-            return PeftModel.from_pretrained(base, str(adapter_dir))
-        except Exception as exc:  # the adapter's config names modules or shapes its weights or this base lack
-            if not adapter_misfit(exc):
-                raise
-            raise RunError(f"PEFT cannot load the adapter in {adapter_dir} onto {base_dir} for the self-check "
-                           f"({first_line(exc)}); its adapter_config.json does not match its weights or this "
-                           "base. Nothing was kept") from exc
-
-    expected = _probe(base_and_adapter, ids)
+    fix = "its adapter_config.json does not match its weights or this base (nothing was kept)"
+    expected = _probe(lambda: attach_adapter(_reference_base(base_dir, plan), adapter_dir, str(base_dir), fix), ids)
     got = _probe(lambda: AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32), ids)
     diff = (got - expected).abs().max().item()
     if out_code == "F32":

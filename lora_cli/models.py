@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -68,11 +67,9 @@ def resolve_model(name: str | None, revision: str | None = None) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"--model {name} is a folder without config.json; point it at a transformers model folder")
-        try:
-            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
-            config = None
-        if not isinstance(config, dict):
+        from lora_cli.runs import read_json_object
+
+        if read_json_object(path / "config.json") is None:
             raise ConfigError(f"--model {name}: its config.json is damaged (not a JSON object); restore it, or "
                               "download the model again")
         from lora_cli.safetensors_io import read_header

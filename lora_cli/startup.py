@@ -13,7 +13,6 @@ lora_cli, or a test runner calling the CLI in-process, may still need bitsandbyt
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -71,8 +70,6 @@ def config_on_disk(model: str | None, revision: str | None) -> dict[str, Any] | 
         except Exception:  # not a valid hub id: loading the model reports it properly
             return None
         path = Path(found) if isinstance(found, str) else None
-    try:
-        config = json.loads(path.read_text()) if path else None
-    except (OSError, ValueError):
-        return None
-    return config if isinstance(config, dict) else None
+    from lora_cli.runs import read_json_object
+
+    return read_json_object(path) if path else None
