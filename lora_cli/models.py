@@ -294,6 +294,7 @@ def add_lora(model: Any, settings: Any, *, quantized: bool, gradient_checkpointi
     if missing:
         raise ConfigError(f"--target-modules {','.join(missing)} not found in this model; it has: "
                           + ", ".join(sorted(available)))
+    _warn_rank_above_width(model, targets, settings.r)
     if quantized:
         # Casts norms to fp32 for stability and wires input gradients for checkpointing.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
@@ -305,6 +306,21 @@ def add_lora(model: Any, settings: Any, *, quantized: bool, gradient_checkpointi
         bias="none", task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def _warn_rank_above_width(model: Any, targets: list[str], rank: int) -> None:
+    """A rank above min(in, out) of a layer is valid but buys nothing there: its update's rank cannot
+    exceed that width, while its parameters and compute still grow with r."""
+    widths = {}
+    for full_name, module in model.named_modules():
+        leaf = full_name.rsplit(".", 1)[-1]
+        if leaf in targets and hasattr(module, "in_features") and hasattr(module, "out_features"):
+            widths[leaf] = min(widths.get(leaf, rank), module.in_features, module.out_features)
+    narrow = {name: width for name, width in widths.items() if width < rank}
+    if narrow:
+        listed = ", ".join(f"{name} ({width})" for name, width in sorted(narrow.items()))
+        log.warning("--rank %d is above the width of %s: the update there cannot use more than that rank, "
+                    "so the extra rank only adds parameters and time; a rank of 8 to 64 is usual", rank, listed)
 
 
 def count_parameters(model: Any) -> int:

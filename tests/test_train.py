@@ -283,3 +283,24 @@ def test_the_memory_check_covers_the_largest_step_the_data_makes(packing, expect
     assert longest_step(train, cfg) == expected
     # a split keeps its rows in the same table: the bound still sees every row
     assert longest_step(train.train_test_split(test_size=0.5, seed=0)["train"], cfg) == expected
+
+
+def test_a_rank_above_a_layers_width_is_named(tiny_model_dir, caplog):
+    from transformers import AutoModelForCausalLM
+
+    from lora_cli import models
+    from lora_cli.config import LoraSettings
+
+    def warnings_for(rank: int) -> list[str]:
+        caplog.clear()
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        with caplog.at_level("WARNING", logger="lora_cli.models"):
+            models.add_lora(model, LoraSettings(r=rank, target_modules="qv"), quantized=False,
+                            gradient_checkpointing=False)
+        return [r.getMessage() for r in caplog.records if "--rank" in r.getMessage()]
+
+    # the tiny model: q_proj is 64 -> 64, v_proj 64 -> 32 (two key/value heads of 16)
+    (line,) = warnings_for(48)
+    assert "v_proj (32)" in line and "q_proj" not in line
+    assert "q_proj (64), v_proj (32)" in warnings_for(80)[0]
+    assert warnings_for(32) == []
