@@ -298,6 +298,8 @@ CommandConfigOpt = Annotated[Optional[Path], typer.Option(
 AdapterOpt = Annotated[Optional[str], typer.Option(help="Run or adapter folder. (default: runs/latest)")]
 ModelOpt = Annotated[Optional[str], typer.Option(help="A merged or plain model folder (or hub id); with --adapter, "
                                                      "the base to put it on.")]
+EvalModelOpt = Annotated[Optional[str], typer.Option(help="The base to put --adapter on (default: the one it was "
+                                                         "trained on); eval always compares base and adapted.")]
 PrecisionOpt = Annotated[str, typer.Option(help="auto, bf16, fp16, fp32.")]
 
 
@@ -312,7 +314,8 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
     top_k: Annotated[int, typer.Option(min=0, help="Sample from the k likeliest tokens (0 = all).")] = 0,
-    repetition_penalty: Annotated[float, typer.Option(min=0.0, help="Above 1 discourages repeats.")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="Above 1 discourages repeats, below 1 encourages "
+                                                           "them; must be above 0.")] = 1.0,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Chat, keeping the history.")] = False,
@@ -345,11 +348,15 @@ def generate(
         check_can_create(output, "--output")
     if compare_base and (model and not adapter):
         raise ConfigError("--compare needs an adapter: it compares the base with base + adapter")
-    _lean_start_for(adapter, model)
-    from lora_cli import adapters
+    from lora_cli.config import check_precision
+
+    check_precision(precision)
     from lora_cli import generate as gen
 
     sampling = gen.Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    _lean_start_for(adapter, model)
+    from lora_cli import adapters
+
     loaded = adapters.load_for_inference(adapter, model, precision=precision)
     if prompts_file is not None:
         count = gen.batch(loaded, prompts_file, output, sampling, raw)
@@ -367,7 +374,7 @@ def generate(
 def eval_command(
     config: CommandConfigOpt = None,
     adapter: AdapterOpt = None,
-    model: ModelOpt = None,
+    model: EvalModelOpt = None,
     data: Annotated[Optional[str], typer.Option(help="Rows to evaluate. (default: the embedded held-out split)")] = None,
     general: Annotated[Optional[str], typer.Option(help="General text for the forgetting check. "
                                                         "(default: a sample shipped with lora)")] = None,
@@ -387,6 +394,9 @@ def eval_command(
     """
     from lora_cli import evaluate
 
+    from lora_cli.config import check_precision
+
+    check_precision(precision)
     if tasks:
         from lora_cli import adapters, runs
 

@@ -352,6 +352,12 @@ def _get_dict(data: dict[str, Any], key: str) -> Any:
     return data
 
 
+def check_precision(precision: str) -> None:
+    """The --precision of the commands that only load a model (train checks its own in validate)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Collect every problem, then fail once with all of them on one line."""
     problems: list[str] = []
@@ -363,7 +369,7 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.lora.r > 0, "lora.r", "a positive integer")
     check(cfg.lora.lora_alpha > 0, "lora.lora_alpha", "a positive number")
     check(0 <= cfg.lora.lora_dropout < 1, "lora.lora_dropout", "in [0, 1)")
-    check(bool(cfg.lora.target_modules.strip(",; ")), "lora.target_modules", "a preset (qv, attention, all-linear) or a comma list")
+    check(bool(cfg.lora.target_modules.strip(",; ")), "lora.target_modules", "a preset (qv, attention, mlp, all-linear) or a comma list")
     check(cfg.model.precision in PRECISIONS, "model.precision", "one of " + ", ".join(PRECISIONS))
     check(cfg.data.format in FORMATS, "data.format", "one of " + ", ".join(FORMATS))
     check(cfg.data.template in TEMPLATES, "data.template", "one of " + ", ".join(TEMPLATES))

@@ -195,9 +195,38 @@ def row_name(source: str, number: int, identity: dict[str, Any] | None = None) -
 
 
 def _looks_like_hub_id(spec: str) -> bool:
-    """org/name or org/name:split, not a missing data/file.jsonl or ./folder."""
+    """org/name or org/name:split, not a missing data/file.jsonl or ./folder, nor a missing data/facts
+    in a local folder data/ (a typo there would otherwise go looking on the hub)."""
     name = spec.split(":", 1)[0]
-    return name.count("/") == 1 and not spec.startswith((".", "/", "~")) and Path(name).suffix.lower() not in FILE_SUFFIXES
+    return (name.count("/") == 1 and not spec.startswith((".", "/", "~"))
+            and Path(name).suffix.lower() not in FILE_SUFFIXES and not Path(name.split("/")[0]).is_dir())
+
+
+def _check_hub_dataset(name: str, spec: str, flag: str) -> None:
+    """One quick look at the hub before `datasets` asks it: with no network, datasets retries for half a
+    minute before it gives up. A dataset already in the local caches is left to datasets."""
+    from huggingface_hub import constants, dataset_info
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    import datasets
+
+    folder = name.replace("/", "--")
+    cached = (Path(constants.HF_HUB_CACHE) / f"datasets--{folder}").is_dir() or \
+        (Path(datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___")).is_dir()
+    if cached or os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return
+    try:
+        dataset_info(name, timeout=15)
+    except GatedRepoError:
+        raise DataError(f"{flag} {spec}: the dataset is gated on the Hugging Face hub; accept its terms on the hub "
+                        "and log in with `hf auth login`, or pass a local file") from None
+    except RepositoryNotFoundError:
+        raise DataError(f"{flag} {spec}: no such local file or folder, and no such dataset on the Hugging Face hub "
+                        "(unknown id, or private); check the path or the id") from None
+    except Exception as exc:  # network errors come from several HTTP libraries: the machine, not the input
+        raise LoraError(f"{flag} {spec}: no such local file or folder, and the Hugging Face hub cannot be reached "
+                        f"to load it as a dataset ({type(exc).__name__}); check your network, or pass a local "
+                        "file") from None
 
 
 def _read_hub(spec: str, split: str, flag: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -205,6 +234,7 @@ def _read_hub(spec: str, split: str, flag: str) -> tuple[list[dict[str, Any]], d
     import datasets
 
     name, _, asked = spec.partition(":")
+    _check_hub_dataset(name, spec, flag)
     try:
         splits = [asked] if asked else datasets.get_dataset_split_names(name)
         wanted = [asked] if asked else ["train"] if split == "train" else list(HELD_OUT_SPLITS)

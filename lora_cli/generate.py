@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from lora_cli.errors import DataError
+from lora_cli.errors import ConfigError, DataError
 
 
 @dataclass
@@ -25,6 +25,11 @@ class Sampling:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # transformers refuses these only inside generate(), which for a streamed answer runs in a thread
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"--repetition-penalty must be above 0 (1 = no penalty), got {self.repetition_penalty}")
 
     def generate_kwargs(self) -> dict[str, Any]:
         if self.temperature <= 0:
@@ -71,12 +76,23 @@ def generate_one(loaded: Any, text: str, sampling: Sampling, on_text: Callable[[
         import threading
 
         pieces: list[str] = []
-        worker = threading.Thread(target=loaded.model.generate, kwargs=kwargs)
+        failures: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                loaded.model.generate(**kwargs)
+            except BaseException as exc:  # handed to the caller's thread below, which would otherwise wait forever
+                failures.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
         worker.start()
         for piece in streamer:
             pieces.append(piece)
             on_text(piece)
         worker.join()
+        if failures:
+            raise failures[0]
         return "".join(pieces)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import os
 import subprocess
 import sys
 import time
@@ -106,6 +107,13 @@ BAD_INPUTS = [
     (["estimate", "--model", "badconfig"], 2, "Model folder 'badconfig': its config.json cannot be read"),
     (["train", "--data", "facts.jsonl", "--model", "badweights"], 1,
      "badweights/model.safetensors is damaged or not a safetensors file"),
+    # a typo in a local path is not sent to the hub: project/ is a folder here
+    (["train", "--data", "project/facts", "--model", "MODEL"], 2, "--data project/facts: no such file or folder"),
+    (["generate", "--prompt", "hi", "--repetition-penalty", "0"], 2,
+     "--repetition-penalty must be above 0 (1 = no penalty), got 0.0"),
+    (["generate", "--prompt", "hi", "--precision", "fp8"], 2, "--precision must be one of auto, bf16, fp16, fp32"),
+    (["eval", "--precision", "fp8"], 2, "--precision must be one of auto, bf16, fp16, fp32, got 'fp8'"),
+    (["train", "--target-modules", ","], 2, "--target-modules must be a preset (qv, attention, mlp, all-linear)"),
 ]
 
 
@@ -401,3 +409,16 @@ def test_an_adapter_is_not_applied_twice_and_a_dangling_latest_is_named(workdir,
     result = invoke("generate", "--prompt", "hi")
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert "latest points to" in result.output and "which no longer exists" in result.output
+
+
+def test_an_unreachable_hub_dataset_fails_at_once_without_retries(workdir, tiny_model_dir):
+    # No offline switch: the hub is asked, and answers nothing (a closed local port stands in for no network).
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    result = subprocess.run([sys.executable, "-m", "lora_cli", "train", "--model", str(tiny_model_dir),
+                             "--data", "someorg/somedata"], capture_output=True, text=True, env=env)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("error: --data someorg/somedata: no such local file or folder, and the Hugging "
+                                    "Face hub cannot be reached"), result.stderr
+    assert "Retrying" not in result.stderr and result.stderr.count("\n") == 1
+    assert not (workdir / "runs").exists()

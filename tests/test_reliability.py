@@ -203,3 +203,31 @@ def test_nan_loss_stops_the_run_keeps_the_last_checkpoint_and_no_adapter(workdir
     cfg = tiny_config(tiny_model_dir, facts_file, workdir / "early", **{"training.save_steps": 100})
     with pytest.raises(LoraError, match="no checkpoint was saved"):
         train.run(cfg, extra_callbacks=[Diverge()])
+
+
+def test_a_failure_inside_a_streamed_generation_reaches_the_caller(tiny_model_dir):
+    """generate() runs in a thread while its text streams; if it raises, the caller must get the error, not wait forever."""
+    import threading
+
+    from lora_cli import adapters
+    from lora_cli.generate import Sampling, generate_one
+
+    loaded = adapters.load_for_inference(None, str(tiny_model_dir), precision="fp32")
+    sampling = Sampling(max_new_tokens=4)
+    sampling.repetition_penalty = 0.0  # past the check at construction: transformers refuses it inside generate()
+    outcome: list[BaseException | str] = []
+
+    def call() -> None:
+        try:
+            outcome.append(generate_one(loaded, "Hello", sampling, on_text=lambda piece: None))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    caller.join(timeout=120)
+    assert not caller.is_alive(), "the streamed generation never returned"
+    assert isinstance(outcome[0], ValueError) and "penalty" in str(outcome[0])
+    sampling.repetition_penalty = 1.0  # and a sound request still streams its text
+    pieces: list[str] = []
+    assert generate_one(loaded, "Hello", sampling, on_text=pieces.append) == "".join(pieces)
