@@ -338,6 +338,8 @@ def _resumed(asked: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
     if conflicts:
         raise ConfigError("--resume continues a run with its own options; drop " + ", ".join(conflicts)
                           + ", or start a new run without --resume")
+    if "training.num_train_epochs" in asked and "training.max_steps" not in asked:
+        asked = {**asked, "training.max_steps": -1}  # --epochs asks for a length in epochs, whatever the run had
     return {**restored, **asked}
 
 

@@ -58,7 +58,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     # 2. Tokenizer and data before the weights: bad data fails in seconds, not after a model load.
     tokenizer = models.load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.revision)
     prepared = data.prepare(cfg.data, tokenizer, cfg.training.seed)
-    if cfg.resume and runs.is_finished(run_dir):
+    if cfg.resume:
         check_goes_further(cfg, run_dir, len(prepared.train), world_size)
 
     # 3. The frozen base in the fastest precision the hardware has, then the adapter on top.
@@ -198,11 +198,16 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
 
 
 def check_goes_further(cfg: TrainConfig, run_dir: Path, train_rows: int, world_size: int) -> None:
-    """Resuming a finished run trains it further, or it would only replace its adapter with a copy trained
-    a step past its end (the Trainer takes one more step from a checkpoint at the last step)."""
+    """A resumed run must end past the step it resumes from. A finished run would otherwise only have its
+    adapter replaced by a copy trained a step past its end (the Trainer takes one more step from a
+    checkpoint at the last step); an unfinished one would be marked finished with no step taken."""
     from lora_cli import runs
 
-    done = (runs.read_manifest(run_dir) or {}).get("metrics", {}).get("global_step", 0)
+    finished = runs.is_finished(run_dir)
+    if finished:
+        done = (runs.read_manifest(run_dir) or {}).get("metrics", {}).get("global_step", 0)
+    else:
+        done = int(Path(runs.newest_checkpoint(run_dir)).name.rsplit("-", 1)[-1])
     t = cfg.training
     if t.max_steps > 0:
         target, fix = t.max_steps, f"a --max-steps above {done}"
@@ -211,8 +216,12 @@ def check_goes_further(cfg: TrainConfig, run_dir: Path, train_rows: int, world_s
         target = math.ceil(t.num_train_epochs * math.ceil(batches / t.gradient_accumulation_steps))
         fix = f"more --epochs than {t.num_train_epochs:g}"
     if target <= done:
-        raise RunError(f"--resume: {run_dir} is finished ({done} steps); to train it further pass {fix}, "
-                       "or start a new run")
+        if finished:
+            raise RunError(f"--resume: {run_dir} is finished ({done} steps); to train it further pass {fix}, "
+                           "or start a new run")
+        goal = f"--max-steps {t.max_steps}" if t.max_steps > 0 else f"{t.num_train_epochs:g} epochs ({target} steps)"
+        raise RunError(f"--resume: {run_dir} resumes from its checkpoint at step {done}, past the end {goal} sets; "
+                       f"pass {fix}, or start a new run")
 
 
 def final_eval_loss(trainer: Any, last_eval: Any) -> float:

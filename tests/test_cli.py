@@ -209,6 +209,34 @@ def test_a_finished_run_goes_on_for_more_epochs_only(workdir, tiny_model_dir, fa
     assert json.loads((run / "lora_run.json").read_text())["metrics"]["global_step"] == 2 * steps
 
 
+def test_epochs_on_resume_lengthen_a_run_made_with_max_steps(workdir, tiny_model_dir, facts_file):
+    run = workdir / "run"
+    assert invoke(*tiny_train_args(tiny_model_dir, facts_file, run, "--max-steps", "3", "--save-steps", "3")).exit_code == 0
+    # 32 rows in batches of 4: 8 steps an epoch; --epochs replaces the run's --max-steps 3
+    result = invoke("train", "--resume", "--output-dir", str(run), "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    record = json.loads((run / "lora_run.json").read_text())
+    assert record["metrics"]["global_step"] == 8 and record["config"]["training"]["max_steps"] == -1
+
+
+def test_resume_refuses_an_end_before_the_checkpoint_it_resumes_from(workdir, tiny_model_dir, facts_file):
+    run = workdir / "run"
+    assert invoke(*tiny_train_args(tiny_model_dir, facts_file, run, "--save-steps", "6")).exit_code == 0
+    # as a kill after the checkpoint at step 12 leaves it: checkpoints, no adapter, status "started"
+    record = json.loads((run / "lora_run.json").read_text())
+    (run / "lora_run.json").write_text(json.dumps({**record, "status": "started"}))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (run / name).unlink()
+    before = snapshot(run)
+    result = invoke("train", "--resume", "--output-dir", str(run), "--max-steps", "8")
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "resumes from its checkpoint at step 12, past the end --max-steps 8 sets; pass a --max-steps above 12" \
+        in result.output
+    assert snapshot(run) == before and json.loads((run / "lora_run.json").read_text())["status"] == "started"
+    assert invoke("train", "--resume", "--output-dir", str(run), "--max-steps", "14").exit_code == 0
+    assert json.loads((run / "lora_run.json").read_text())["metrics"]["global_step"] == 14
+
+
 def test_train_json_prints_only_the_manifest(workdir, tiny_model_dir, facts_file):
     result = runner.invoke(app, tiny_train_args(tiny_model_dir, facts_file, workdir / "run", "--json",
                                                 "--eval-data", str(facts_file), "--eval-steps", "5"))
