@@ -288,6 +288,15 @@ def detect_format(rows: list[dict[str, Any]], requested: str = "auto", source: s
 
 
 # The column a row learns from, per format: a blank one would teach the model to answer with nothing.
+# Formats whose rows are trained as raw text: no template renders them.
+RAW_FORMATS = ("completion", "text")
+
+
+def describe_rendering(fmt: str, template: str) -> str:
+    """How rows of this format were turned into text, for the run's summaries: 'template chat', 'raw text'."""
+    return "raw text (no template)" if fmt in RAW_FORMATS else f"template {template}"
+
+
 RESPONSE_COLUMN = {"instruction": "output", "completion": "completion", "text": "text"}
 
 

@@ -41,7 +41,9 @@ class Sampling:
 
 def uses_raw_prompts(loaded: Any) -> bool:
     """Runs trained on plain text or prompt/completion pairs continue the text as given, with no template."""
-    return loaded.data_format in ("completion", "text")
+    from lora_cli.data import RAW_FORMATS
+
+    return loaded.data_format in RAW_FORMATS
 
 
 def prompt_text(loaded: Any, history: list[dict[str, str]], raw: bool) -> str:

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lora_cli.data import describe_rendering
+
 LOSS_CURVE = "loss_curve.png"
 
 
@@ -59,8 +61,8 @@ def describe(run_dir: Path, manifest: dict[str, Any] | None) -> str:
             f"{base['precision']}{quant}",
             f"adapter     r={adapter['r']} alpha={adapter['lora_alpha']} on {', '.join(sorted(adapter['target_modules']))}"
             f"{' (DoRA)' if adapter.get('use_dora') else ''}, {m['trainable_params']:,} trainable, {size / 1e6:.1f} MB",
-            f"data        {data['source']}: {data['train_examples']} examples ({data['format']}, template "
-            f"{data['template']}), sha256 {str(data.get('sha256') or data.get('fingerprint'))[:12]}",
+            f"data        {data['source']}: {data['train_examples']} examples ({data['format']}, "
+            f"{describe_rendering(data['format'], data['template'])}), sha256 {str(data.get('sha256') or data.get('fingerprint'))[:12]}",
             f"training    {m['global_step']} steps, lr {cfg['training']['learning_rate']}, "
             f"{m['train_runtime_s']:.0f} s, {m['tokens_per_second']:.0f} tokens/s, world size {manifest['world_size']}",
             f"metrics     train loss {m['train_loss']:.4f}" + (f", eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else ""),

@@ -142,9 +142,9 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         shown = models.describe_precision(cfg.model.precision, precision)
         shown += f" + {quantization}" if quantization else ""
         shown += f", input gradients of {int8_projections} frozen projections in int8" if int8_projections else ""
-        log.info("Training %s on %d rows (%s, template %s): %s trainable of %s parameters (%.2f%%), "
+        log.info("Training %s on %d rows (%s, %s): %s trainable of %s parameters (%.2f%%), "
                     "%s, effective batch %d, lr %g -> %s", source.name, len(prepared.train), prepared.format,
-                    prepared.template, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+                    data.describe_rendering(prepared.format, prepared.template), f"{trainable:,}", f"{total:,}", 100 * trainable / total,
                     shown, effective, t.learning_rate, run_dir)
 
     # 5. Train; Ctrl-C saves a checkpoint and stops, a NaN loss stops before anything is saved.
