@@ -106,7 +106,7 @@ def plan_load(adapter: str | None, model: str | None, adapter_required: bool = F
     manifest = runs.read_manifest(adapter_dir) if adapter_dir else None
     base_name = model or base_of(adapter_dir, manifest)
     if not base_name:
-        raise LoraError(f"cannot tell which base model {adapter_dir} belongs to; pass it with --model")
+        raise ConfigError(f"cannot tell which base model {adapter_dir} belongs to; pass it with --model")
     # the base exactly as training loaded it: same revision, same permissions
     trained = (manifest or {}).get("config", {}).get("model", {}) if not model else {}
     return LoadPlan(adapter_dir, manifest, base_name, trained,

@@ -29,6 +29,12 @@ class ModelError(LoraError):
     exit_code = 1
 
 
+class ModelInputError(ModelError):
+    """A model, tokenizer or adapter the user named is damaged or does not fit: bad input, exit status 2."""
+
+    exit_code = 2
+
+
 class RunError(LoraError):
     """A run folder is missing, incomplete, or would be overwritten."""
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from lora_cli.errors import ConfigError, LoraError, ModelError, RunError
+from lora_cli.errors import ConfigError, LoraError, ModelError, ModelInputError, RunError
 from lora_cli.safetensors_io import SAFETENSORS_DTYPES, read_header, read_tensor, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def merge(adapter: str | None = None, output_dir: str | None = None, base: str |
     manifest = runs.read_manifest(adapter_dir)
     base_name = base or adapters.base_of(adapter_dir, manifest)
     if not base_name:
-        raise ModelError(f"cannot tell which base model {adapter_dir} belongs to; pass it with --base")
+        raise ModelInputError(f"cannot tell which base model {adapter_dir} belongs to; pass it with --base")
     source = models.resolve_model(base_name)
     base_dir = _local_folder(source, None if base else (manifest or {}).get("base_model", {}).get("revision"))
     out = Path(output_dir).expanduser() if output_dir else adapter_dir / "merged"
@@ -115,7 +115,7 @@ def merge(adapter: str | None = None, output_dir: str | None = None, base: str |
     quantization = trained.get("quantization") if merge_into == "dequantized" else None
     config = json.loads((base_dir / "config.json").read_text())
     if config.get("quantization_config"):
-        raise ModelError(f"the base {base_dir} is stored quantized; merge into a full-precision copy of it (--base)")
+        raise ModelInputError(f"the base {base_dir} is stored quantized; merge into a full-precision copy of it (--base)")
     layout = _read_layout(base_dir)
     train_dtype = models.torch_dtype(trained.get("precision") or "fp32")
     plan = _plan(adapter_dir, base_dir, layout, config, quantization, train_dtype)
@@ -235,7 +235,7 @@ def _read_layout(base_dir: Path) -> Layout:
     elif (base_dir / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:
-        raise ModelError(f"the base {base_dir} has no safetensors weights; re-save it with save_pretrained() "
+        raise ModelInputError(f"the base {base_dir} has no safetensors weights; re-save it with save_pretrained() "
                          "(safetensors is the default) and pass that folder with --base")
     weight_map, shapes, codes = {}, {}, []
     for shard in shards:  # headers only: no weight is read here
@@ -244,7 +244,7 @@ def _read_layout(base_dir: Path) -> Layout:
             codes.append(info["dtype"])
     unknown = sorted(set(codes) - set(SAFETENSORS_DTYPES))
     if unknown:
-        raise ModelError(f"the base {base_dir} stores tensors as {unknown[0]}, which lora merge cannot read")
+        raise ModelInputError(f"the base {base_dir} stores tensors as {unknown[0]}, which lora merge cannot read")
     stored = next((code for code in codes if code in FLOAT_CODES), "F32")
     return Layout(shards, weight_map, shapes, "F32" if stored == "F64" else stored)
 
@@ -259,10 +259,10 @@ def _plan(adapter_dir: Path, base_dir: Path, layout: Layout, config: dict[str, A
 
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise ModelError(f"{adapter_dir} is a {cfg.get('peft_type')} adapter; lora merge folds in LoRA adapters only")
+        raise ModelInputError(f"{adapter_dir} is a {cfg.get('peft_type')} adapter; lora merge folds in LoRA adapters only")
     used = [what for key, what in UNSUPPORTED.items() if cfg.get(key)]
     if used:
-        raise ModelError(f"{adapter_dir} uses {', '.join(used)}, which lora merge cannot fold in; "
+        raise ModelInputError(f"{adapter_dir} uses {', '.join(used)}, which lora merge cannot fold in; "
                          "merge it with peft's merge_and_unload instead")
     parts: dict[str, dict[str, Any]] = {}
     plan = Plan(quantization=quantization, train_dtype=train_dtype)
@@ -276,7 +276,7 @@ def _plan(adapter_dir: Path, base_dir: Path, layout: Layout, config: dict[str, A
                 break
         else:
             if "lora_" in name:
-                raise ModelError(f"{adapter_dir} holds {key}, a LoRA tensor lora merge does not know; "
+                raise ModelInputError(f"{adapter_dir} holds {key}, a LoRA tensor lora merge does not know; "
                                  "merge it with peft's merge_and_unload instead")
             plan.replace[name.replace(".base_layer.", ".")] = tensor  # modules_to_save, saved embeddings
     patterns = cfg.get("alpha_pattern") or {}
@@ -285,9 +285,9 @@ def _plan(adapter_dir: Path, base_dir: Path, layout: Layout, config: dict[str, A
                for module in parts}
     for module, p in parts.items():
         if "A" not in p or "B" not in p:
-            raise ModelError(f"{adapter_dir} lacks lora_A or lora_B for {module}; the adapter is damaged")
+            raise ModelInputError(f"{adapter_dir} lacks lora_A or lora_B for {module}; the adapter is damaged")
         if p["embedding"] and "m" in p:
-            raise ModelError(f"{adapter_dir} uses DoRA on the embedding {module}, which lora merge cannot fold in; "
+            raise ModelInputError(f"{adapter_dir} uses DoRA on the embedding {module}, which lora merge cannot fold in; "
                              "merge it with peft's merge_and_unload instead")
         r = p["A"].shape[0]  # rank_pattern gives some modules another r; their tensors say which
         alpha = patterns.get(pattern[module], cfg["lora_alpha"])
@@ -303,11 +303,11 @@ def _check_targets(plan: Plan, layout: Layout, config: dict[str, Any], adapter_d
     changed = sorted(set(plan.deltas) | set(plan.replace))
     missing = [key for key in changed if key not in layout.shapes]
     if missing:
-        raise ModelError(f"the adapter {adapter_dir} changes {missing[0]}, which the base does not have; "
+        raise ModelInputError(f"the adapter {adapter_dir} changes {missing[0]}, which the base does not have; "
                          "is --base the model it was trained on?")
     if config.get("tie_word_embeddings") and any(k.endswith(("embed_tokens.weight", "lm_head.weight"))
                                                   for k in changed):
-        raise ModelError(f"the adapter {adapter_dir} changes the embeddings, which this base ties to its output "
+        raise ModelInputError(f"the adapter {adapter_dir} changes the embeddings, which this base ties to its output "
                          "layer, so merging would change both; use it unmerged (lora generate --adapter)")
     for key in changed:
         if key in plan.deltas:
@@ -316,7 +316,7 @@ def _check_targets(plan: Plan, layout: Layout, config: dict[str, Any], adapter_d
         else:
             got = list(plan.replace[key].shape)
         if got != layout.shapes[key]:
-            raise ModelError(f"the adapter {adapter_dir} gives {key} the shape {got} but the base has "
+            raise ModelInputError(f"the adapter {adapter_dir} gives {key} the shape {got} but the base has "
                              f"{layout.shapes[key]}: is --base the model it was trained on "
                              "(or were its embeddings resized?)")
 
@@ -395,7 +395,7 @@ def _check_vocab(tokenizer: Any, layout: Layout, config: dict[str, Any]) -> None
     rows = next((shape[0] for key, shape in layout.shapes.items() if key.endswith("embed_tokens.weight")),
                 config.get("vocab_size"))
     if rows is not None and len(tokenizer) > rows:
-        raise ModelError(f"the tokenizer has {len(tokenizer)} tokens but the base's embeddings only {rows} rows "
+        raise ModelInputError(f"the tokenizer has {len(tokenizer)} tokens but the base's embeddings only {rows} rows "
                          "(tokens were added without resizing them); lora merge cannot fold that in")
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_cli.errors import ConfigError, ModelError, first_line
+from lora_cli.errors import ConfigError, ModelError, ModelInputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, revisio
         tok = AutoTokenizer.from_pretrained(source.location, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         if source.local and not any((Path(source.location) / f).is_file() for f in TOKENIZER_FILES):
-            raise ModelError(f"{source.location} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the "
+            raise ModelInputError(f"{source.location} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the "
                              "model's tokenizer files in beside its weights") from None
         raise ModelError(f"cannot load the tokenizer of '{source.name}': {' '.join(str(exc).split())[:300]}") from None
     if tok.pad_token is None:

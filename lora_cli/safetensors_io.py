@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 from typing import Any, Callable
 
-from lora_cli.errors import LoraError, ModelError
+from lora_cli.errors import LoraError, ModelInputError
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 
@@ -43,7 +43,7 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
             info["start"] = 8 + length + info["data_offsets"][0]
     except (struct.error, ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError, AttributeError) as exc:
         reason = str(exc) or type(exc).__name__
-        raise ModelError(f"{path} is damaged or not a safetensors file ({reason}); restore it, or download "
+        raise ModelInputError(f"{path} is damaged or not a safetensors file ({reason}); restore it, or download "
                          "the model again") from None
     return metadata, tensors
 
@@ -58,7 +58,7 @@ def read_tensor(path: Path, key: str, infos: dict[str, dict[str, Any]]) -> Any:
     with open(path, "rb") as f:
         f.seek(info["start"])
         if f.readinto(buffer) != len(buffer):
-            raise ModelError(f"{path} is truncated: {key} is cut short; the base's files are damaged")
+            raise ModelInputError(f"{path} is truncated: {key} is cut short; the base's files are damaged")
     dtype = getattr(torch, SAFETENSORS_DTYPES[info["dtype"]][1])
     if not buffer:
         return torch.empty(info["shape"], dtype=dtype)

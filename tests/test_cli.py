@@ -67,7 +67,7 @@ BAD_INPUTS = [
      "--data someorg/somedata: no such local file or folder, and HF_DATASETS_OFFLINE=1 forbids downloading it"),
     (["train", "--model", "not-a-real-org/not-a-real-model"], 1, "not in the local cache and HF_HUB_OFFLINE=1"),
     (["train", "--data", "facts.jsonl", "--model", "noweights"], 2, "--model noweights holds no weight files"),
-    (["train", "--data", "facts.jsonl", "--model", "notokenizer"], 1, "notokenizer holds no tokenizer (tokenizer.json"),
+    (["train", "--data", "facts.jsonl", "--model", "notokenizer"], 2, "notokenizer holds no tokenizer (tokenizer.json"),
     (["train", "--model", "my model!"], 2, "--model 'my model!' is neither a model folder, a hub id (org/name) nor"),
     (["estimate", "--model", "my model!"], 2, "--model 'my model!' is neither a model folder"),
     (["train", "--model", "llama-7b", "--rank", "8", "--use-4bit"], 1, "model 'llama-7b' (huggyllama/llama-7b)"),
@@ -105,7 +105,7 @@ BAD_INPUTS = [
     (["train", "--data", "facts.jsonl", "--model", "facts.jsonl"], 2, "--model facts.jsonl is a file; give the model's folder"),
     (["train", "--data", "facts.jsonl", "--model", "badconfig"], 2, "--model badconfig: its config.json is damaged"),
     (["estimate", "--model", "badconfig"], 2, "Model folder 'badconfig': its config.json cannot be read"),
-    (["train", "--data", "facts.jsonl", "--model", "badweights"], 1,
+    (["train", "--data", "facts.jsonl", "--model", "badweights"], 2,
      "badweights/model.safetensors is damaged or not a safetensors file"),
     # a typo in a local path is not sent to the hub: project/ is a folder here
     (["train", "--data", "project/facts", "--model", "MODEL"], 2, "--data project/facts: no such file or folder"),
@@ -432,6 +432,25 @@ def test_a_damaged_run_gets_one_line_from_every_command(damage, commands, messag
         assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (command, result.output)
         assert message in lines[0], (command, lines[0])
     assert snapshot(workdir) == before  # no merged folder, nothing of the run touched
+
+
+def test_an_adapter_on_the_wrong_base_is_bad_input_for_every_command(workdir, tiny_model_dir, facts_file):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    run = workdir / "run"
+    assert invoke(*tiny_train_args(tiny_model_dir, facts_file, run, "--max-steps", "2")).exit_code == 0
+    narrow = workdir / "narrow"  # the tiny model's layout at half its width
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.hidden_size, config.intermediate_size = config.hidden_size // 2, config.intermediate_size // 2
+    LlamaForCausalLM(config).save_pretrained(narrow)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(narrow)
+    before = snapshot(workdir)
+    for args in (["merge", str(run), "--model", str(narrow), "--output-dir", str(workdir / "merged")],
+                 ["generate", "--adapter", str(run), "--model", str(narrow), "--prompt", "hi"]):
+        result = invoke(*args)
+        lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("Merging ")]
+        assert result.exit_code == 2 and len(lines) == 1 and "the base" in lines[0], (args[0], result.output)
+    assert snapshot(workdir) == before
 
 
 def test_an_adapter_is_not_applied_twice_and_a_dangling_latest_is_named(workdir, tiny_model_dir, facts_file):
