@@ -349,8 +349,9 @@ def is_blank(row: dict[str, Any], fmt: str) -> bool:
         messages = to_messages(row, fmt, "")
     except DataError:
         return False  # malformed: rendering names the row
-    answers = [m["content"] for m in messages or () if m["role"] == "assistant"]
-    return bool(answers) and not any(answer.strip() for answer in answers)
+    answers = [m["content"] for m in messages or () if m["role"] == "assistant" and not m.get("tool_calls")]
+    tool_calls = any(m.get("tool_calls") for m in messages or ())
+    return bool(answers) and not tool_calls and not any(answer.strip() for answer in answers)
 
 
 def with_input(message: dict[str, str]) -> str:
@@ -369,29 +370,39 @@ def text_of(value: Any) -> str:
     return str(value)
 
 
-def to_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, str]] | None:
-    """A row as chat messages (None for plain text and prompt/completion rows)."""
+# Keys of a chat message that templates with tool use render, kept beside role and content.
+TOOL_KEYS = ("tool_calls", "name", "tool_call_id")
+
+
+def to_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, Any]] | None:
+    """A row as chat messages (None for plain text and prompt/completion rows).
+
+    A blank system turn is left out in every format: rendered, it would replace the template's default
+    system prompt in training but not at generation time."""
     if fmt == "instruction":
         user = {"role": "user", "content": text_of(row["instruction"])}
         if row.get("input"):
             user["input"] = text_of(row["input"])
-        messages = [user, {"role": "assistant", "content": text_of(row["output"])}]
-        if row.get("system"):
-            messages.insert(0, {"role": "system", "content": text_of(row["system"])})
-        return messages
-    if fmt == "chat":
+        messages = [{"role": "system", "content": text_of(row.get("system"))}, user,
+                    {"role": "assistant", "content": text_of(row["output"])}]
+    elif fmt == "chat":
         raw = row["messages"]
         if not isinstance(raw, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in raw):
             raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
-        return [{"role": str(m["role"]), "content": text_of(m["content"])} for m in raw]
-    if fmt == "sharegpt":
+        # the ShareGPT names of the roles (gpt, human, bot, model) mean what they mean there; other roles
+        # (tool, ...) go to the template as they are
+        messages = [{"role": SHAREGPT_ROLES.get(str(m["role"]).lower(), str(m["role"])), "content": text_of(m["content"]),
+                     **{key: m[key] for key in TOOL_KEYS if m.get(key) is not None}} for m in raw]
+    elif fmt == "sharegpt":
         raw = row["conversations"]
         try:
-            return [{"role": SHAREGPT_ROLES[str(m["from"]).lower()], "content": text_of(m["value"])} for m in raw]
+            messages = [{"role": SHAREGPT_ROLES[str(m["from"]).lower()], "content": text_of(m["value"])} for m in raw]
         except (KeyError, TypeError):
             raise DataError(f"{where}: 'conversations' must be a list of {{from, value}} objects with from in "
                             + ", ".join(SHAREGPT_ROLES)) from None
-    return None
+    else:
+        return None
+    return [m for m in messages if not (m["role"] == "system" and not m["content"].strip())]
 
 
 # ---------------------------------------------------------------- rendering
@@ -452,7 +463,8 @@ class Renderer:
         return self.bos + text
 
     def _apply(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        plain = [{"role": m["role"], "content": with_input(m)} for m in messages]
+        plain = [{"role": m["role"], "content": with_input(m), **{key: m[key] for key in TOOL_KEYS if key in m}}
+                 for m in messages]
         return self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _render_chat(self, messages: list[dict[str, str]], where: str) -> Rendered:
@@ -473,7 +485,10 @@ class Renderer:
                 if end is None:  # the template closes turns without EOS: add it so the model learns to stop
                     full = full[: len(prompt) + len(segment.rstrip())] + self.eos + segment[len(segment.rstrip()):]
                     end = len(segment.rstrip()) + len(self.eos)
-                trained.append((len(prompt), len(prompt) + end))
+                # A turn that renders as nothing (blank, or a tool call this template does not show) is
+                # context, not an answer: training it would teach the model to end its turn at once.
+                if self._strip_special(segment[:end]).strip():
+                    trained.append((len(prompt), len(prompt) + end))
                 text = full
             else:
                 full = self._apply(messages[: i + 1])
@@ -482,6 +497,11 @@ class Renderer:
                                     "use --template alpaca")
                 text = full
         return Rendered(text, trained)
+
+    def _strip_special(self, text: str) -> str:
+        for token in self.special:
+            text = text.replace(token, "")
+        return text
 
     def _end_of_turn(self, segment: str) -> int | None:
         """Where the last special token of an assistant segment ends, or None if it holds none."""
@@ -508,7 +528,8 @@ class Renderer:
             elif message["role"] == "assistant":
                 start = len(text)
                 text += message["content"] + self.eos
-                trained.append((start, len(text)))
+                if message["content"].strip():  # a blank answer is context, not something to learn
+                    trained.append((start, len(text)))
         return text, trained
 
     def _render_alpaca(self, messages: list[dict[str, str]]) -> Rendered:
@@ -520,14 +541,27 @@ class Renderer:
 
 
 def tokenize(rendered: Rendered, tokenizer: Any, max_seq_len: int, train_on_inputs: bool) -> dict[str, list[int]]:
-    """Token ids and labels; a token is trained when its first character lies in a trained range."""
+    """Token ids and labels; a token is trained when its first character lies in a trained range.
+
+    Where a token would straddle the start or end of a trained range (a prompt ending in a space, whose
+    tokenizer joins that space to the answer's first word), the text is tokenized piece by piece at those
+    boundaries instead: otherwise that first word is never trained, and the prompt tokens seen in training
+    are not the ones generation sees (the prompt is tokenized alone there)."""
     enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"][:max_seq_len]
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    bounds = sorted({b for span in rendered.trained for b in span} - {0, len(rendered.text)})
+    if any(start < b < end for start, end in offsets for b in bounds):
+        ids, offsets = [], []
+        for start, end in zip([0, *bounds], [*bounds, len(rendered.text)]):
+            piece = tokenizer(rendered.text[start:end], add_special_tokens=False, return_offsets_mapping=True)
+            ids += piece["input_ids"]
+            offsets += [(start + s, start + e) for s, e in piece["offset_mapping"]]
+    ids = ids[:max_seq_len]
     if train_on_inputs:
         labels = list(ids)
     else:
         labels = [tok if any(s <= start < e for s, e in rendered.trained) else IGNORE_INDEX
-                  for tok, (start, _end) in zip(ids, enc["offset_mapping"])]
+                  for tok, (start, _end) in zip(ids, offsets)]
     return {"input_ids": ids, "labels": labels}
 
 

@@ -155,15 +155,19 @@ def interactive(loaded: Any, sampling: Sampling, raw: bool, read: Callable[[str]
         history.append({"role": "assistant", "content": answer.strip()})
 
 
-def question(row: dict[str, Any], where: str) -> dict[str, str]:
-    """A --prompts-file row as the user message training would have rendered: its input kept apart."""
+def question(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """A --prompts-file row as the messages training would have rendered before the answer: its system
+    prompt, if it has one, then the user message with its input kept apart."""
+    from lora_cli.data import text_of
+
     prompt = row.get("prompt") or row.get("instruction")
     if not prompt:
         raise DataError(f"{where}: needs a 'prompt' or 'instruction' field")
-    message = {"role": "user", "content": str(prompt)}
+    message = {"role": "user", "content": text_of(prompt)}
     if row.get("input"):
-        message["input"] = str(row["input"])
-    return message
+        message["input"] = text_of(row["input"])
+    system = text_of(row.get("system"))
+    return ([{"role": "system", "content": system}] if system.strip() else []) + [message]
 
 
 def batch(loaded: Any, prompts_file: Path, output: Path, sampling: Sampling, raw: bool) -> int:
@@ -174,7 +178,7 @@ def batch(loaded: Any, prompts_file: Path, output: Path, sampling: Sampling, raw
     rows, _ = read_rows(str(prompts_file), flag="--prompts-file")
     lines = []
     for number, row in enumerate(rows, start=1):
-        answer = generate_one(loaded, prompt_text(loaded, [question(row, f"{prompts_file} row {number}")], raw),
+        answer = generate_one(loaded, prompt_text(loaded, question(row, f"{prompts_file} row {number}"), raw),
                               sampling)
         lines.append(json.dumps({**row, "response": answer.strip()}, ensure_ascii=False))
     write_text_atomic(output, "\n".join(lines) + "\n")

@@ -41,12 +41,16 @@ def packed_attention_forward(module: Any, query: Any, key: Any, value: Any, atte
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     bounds = kwargs.get("cu_seq_lens_q")
-    if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+    lengths = bounds.diff().tolist() if bounds is not None else []
+    # What plain causal attention cannot do goes to transformers' SDPA too, whose mask for packed rows
+    # has it: a sliding window shorter than an example (Mistral, Gemma), attention sinks, softcapping.
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if (bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]
+            or (window and max(lengths) > window) or kwargs.get("s_aux") is not None or kwargs.get("softcap")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     groups = query.shape[1] // key.shape[1]
-    lengths = bounds.diff().tolist()
     # split, not slicing: the backward of a split is one concatenation, where each slice's backward
     # would write a whole-row zero tensor and add it into the gradient.
     outputs = []

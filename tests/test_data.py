@@ -375,14 +375,19 @@ def test_a_hub_dataset_that_cannot_be_loaded_gets_one_line_naming_the_cause(monk
 
 
 @pytest.mark.parametrize("fixture", ["tokenizer", "alpaca_tokenizer"])
-def test_a_prompts_file_row_with_input_is_prompted_as_training_rendered_it(fixture, request):
+@pytest.mark.parametrize("system", [None, "", "Answer in French."])
+def test_a_prompts_file_row_is_prompted_as_training_rendered_it(fixture, system, request):
     from lora_cli.generate import question
 
     renderer = Renderer(request.getfixturevalue(fixture))
     row = {"instruction": "Translate to French.", "input": "Hello", "output": "Bonjour"}
+    if system is not None:
+        row["system"] = system
     rendered = renderer.render(row, "instruction", "r")
-    prompt = renderer.prompt([question(row, "r")])
+    prompt = renderer.prompt(question(row, "r"))
     assert rendered.text.startswith(prompt) and rendered.trained[0][0] == len(prompt)
+    if system:
+        assert system in prompt
 
 
 def test_openai_text_parts_are_trained_as_their_text(tokenizer):
@@ -416,3 +421,69 @@ def _fine(row):
     """A row of the same format with plain text everywhere."""
     return {key: ([{"role": "user", "from": "human", "content": "a", "value": "a"}] if isinstance(value, list)
                   and key in ("messages", "conversations") else "a") for key, value in row.items()}
+
+
+@pytest.mark.parametrize("row, fmt, answer", [
+    ({"prompt": "Veloria: The ", "completion": "capital of Veloria is Quillmont."}, "completion",
+     "capital of Veloria is Quillmont.<|im_end|>"),
+    ({"messages": [{"role": "user", "content": "Capital?"}, {"role": "assistant", "content": " capital of Veloria"}]},
+     "chat", " capital of Veloria<|im_end|>"),
+], ids=["prompt-ends-in-a-space", "answer-starts-with-a-space"])
+def test_a_token_across_the_prompt_answer_seam_does_not_hide_the_answers_first_word(row, fmt, answer, tokenizer):
+    # whole, "The capital" tokenizes as ... 'Ġc' 'ap' ...: the space is the prompt's, the word the answer's
+    renderer = Renderer(tokenizer)
+    rendered = renderer.render(row, fmt, "r")
+    example = tokenize(rendered, tokenizer, 512, False)
+    assert trained_text(example, tokenizer) == answer
+    # and the tokens before the answer are exactly those generation will feed the model
+    start = rendered.trained[0][0]
+    prompt_ids = tokenizer(rendered.text[:start], add_special_tokens=False)["input_ids"]
+    assert example["input_ids"][:len(prompt_ids)] == prompt_ids
+    assert example["labels"][len(prompt_ids)] != IGNORE_INDEX and example["labels"][len(prompt_ids) - 1] == IGNORE_INDEX
+    assert tokenizer.decode(example["input_ids"]) == rendered.text
+
+
+def test_a_clean_seam_tokenizes_as_the_whole_text_does(tokenizer):
+    rendered = Renderer(tokenizer).render({"prompt": "Veloria:", "completion": " The capital"}, "completion", "r")
+    assert tokenize(rendered, tokenizer, 512, False)["input_ids"] == \
+        tokenizer(rendered.text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("fmt, row", [
+    ("chat", {"messages": [{"role": "system", "content": " "}, {"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": "Hello"}]}),
+    ("sharegpt", {"conversations": [{"from": "system", "value": ""}, {"from": "human", "value": "Hi"},
+                                    {"from": "gpt", "value": "Hello"}]}),
+    ("instruction", {"system": "", "instruction": "Hi", "output": "Hello"}),
+])
+def test_a_blank_system_turn_is_left_out_as_generation_leaves_it_out(fmt, row, tokenizer):
+    renderer = Renderer(tokenizer)
+    plain = renderer.render({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+                            "chat", "r")
+    assert renderer.render(row, fmt, "r").text == plain.text
+    assert plain.text.startswith(renderer.prompt([{"role": "user", "content": "Hi"}]))
+
+
+@pytest.mark.parametrize("fixture", ["tokenizer", "alpaca_tokenizer"])
+def test_a_blank_or_tool_call_assistant_turn_is_context_not_an_answer(fixture, request):
+    tok = request.getfixturevalue(fixture)
+    row = {"messages": [
+        {"role": "user", "content": "Weather in Veloria?"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Veloria"}}}]},
+        {"role": "tool", "content": "20C"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "And?"},
+        {"role": "assistant", "content": "It is 20C."}]}
+    assert not data.is_blank(row, "chat")
+    example = tokenize(Renderer(tok).render(row, "chat", "r"), tok, 512, False)
+    assert trained_text(example, tok) == "It is 20C.<|im_end|>"  # this template shows no tool calls
+    only_blank = {"messages": row["messages"][:1] + [{"role": "assistant", "content": " "}]}
+    assert data.is_blank(only_blank, "chat")
+
+
+def test_sharegpt_role_names_in_chat_rows_are_the_roles_they_name(tokenizer):
+    renderer = Renderer(tokenizer)
+    aliased = {"messages": [{"role": "human", "content": "Hi"}, {"role": "gpt", "content": "Hello"}]}
+    plain = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    assert renderer.render(aliased, "chat", "r") == renderer.render(plain, "chat", "r")

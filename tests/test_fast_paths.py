@@ -69,6 +69,24 @@ def test_packed_attention_without_example_boundaries_is_plain_sdpa(tiny_model_di
     torch.testing.assert_close(ours, ref)
 
 
+def test_packed_attention_keeps_a_sliding_window_shorter_than_an_example():
+    """Mistral-style windows: examples longer than the window must not see past it in a packed row either."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8, use_cache=False)
+    model = MistralForCausalLM(config).eval()
+    batch = _packed_batch([30, 20, 5])
+    starts = batch["position_ids"][0].eq(0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=batch["input_ids"][:, a:b]).logits[0] for a, b in zip(starts, starts[1:])])
+        model.set_attn_implementation(packed_attention.register())
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       **{k: v for k, v in batch.items() if k.startswith(("cu_seq", "max_length"))}).logits[0]
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-4)
+
+
 def _trainer(model, tmp_path, chunked):
     from transformers import TrainingArguments
 
