@@ -78,7 +78,8 @@ def references(rows: list[dict[str, Any]], fmt: str) -> list[tuple[list[dict[str
             continue
         messages = to_messages(row, fmt, f"row {number}")
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        pairs.append((messages[:last], messages[last]["content"]))
+        if messages[last]["content"].strip():  # a conversation ending in a tool call has no answer to match
+            pairs.append((messages[:last], messages[last]["content"]))
     return pairs
 
 
@@ -152,6 +153,8 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
     # every row is scored, or left out as training leaves it out: a blank response, or one cut away by the length
     report: dict[str, Any] = {"rows": len(examples), "left_out_rows": len(rows) - len(examples), "data": spec,
                               "adapter": str(loaded.adapter_dir)}
+    if pairs:  # answers are generated for rows the length limit cut from the losses too
+        report["exact_match_rows"] = len(pairs)
     for name, on in (("base", False), ("adapted", True)):
         em = exact_match(loaded, pairs, on)[0] if pairs else None
         report[name] = _side(response_loss(loaded, examples, on), em)
@@ -174,6 +177,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"{rows} of {report['data']}{note}", f"{'':14}{'base':>12}{'adapted':>12}"]
     for key in keys:
         lines.append(f"{key:14}{report['base'][key]:>12.4f}{report['adapted'][key]:>12.4f}")
+    matched = report.get("exact_match_rows")
+    if matched is not None and matched != report["rows"]:
+        lines.append(f"(exact match over {matched} row{'s' if matched != 1 else ''}: the length limit cuts only the losses)")
     if "general" in report:
         g = report["general"]
         lines.append(f"general text perplexity {g['base_perplexity']:.3f} -> {g['adapted_perplexity']:.3f} "

@@ -276,7 +276,7 @@ def test_eval_json_has_base_and_adapted_side_by_side(workdir, tiny_model_dir, fa
     result = runner.invoke(app, ["eval", "--data", str(facts_file), "--json", "--limit", "4", "--no-general"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["rows"] == 4 and report["left_out_rows"] == 0
+    assert report["rows"] == 4 and report["left_out_rows"] == 0 and report["exact_match_rows"] == 4
     for side in ("base", "adapted"):
         assert set(report[side]) == {"loss", "perplexity", "exact_match"}
     assert report["adapted"]["loss"] < report["base"]["loss"]  # trained on these very rows
@@ -288,6 +288,8 @@ def test_eval_json_has_base_and_adapted_side_by_side(workdir, tiny_model_dir, fa
     result = runner.invoke(app, ["eval", "--data", str(mixed), "--no-general"])
     assert result.exit_code == 0, result.output
     assert f"1 row of {mixed} (2 left out: blank responses, or responses cut away by the length limit)" in result.stdout
+    # the long row's answer is still generated and matched: only its loss is cut away
+    assert "(exact match over 2 rows: the length limit cuts only the losses)" in result.stdout
     blank = workdir / "blank.jsonl"
     blank.write_text(json.dumps({"instruction": "a", "output": ""}) + "\n")
     result = runner.invoke(app, ["eval", "--data", str(blank), "--no-general"])
