@@ -338,8 +338,12 @@ def _resumed(asked: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
     if conflicts:
         raise ConfigError("--resume continues a run with its own options; drop " + ", ".join(conflicts)
                           + ", or start a new run without --resume")
-    if "training.num_train_epochs" in asked and "training.max_steps" not in asked:
-        asked = {**asked, "training.max_steps": -1}  # --epochs asks for a length in epochs, whatever the run had
+    epochs = asked.get("training.num_train_epochs")
+    if (epochs is not None and "training.max_steps" not in asked
+            and _coerce("training.num_train_epochs", epochs, 0.0) != restored.get("training.num_train_epochs")):
+        # a new --epochs asks for a length in epochs, whatever the run had; the recipe's own count
+        # (the same YAML given again) leaves a --max-steps run as it was
+        asked = {**asked, "training.max_steps": -1}
     return {**restored, **asked}
 
 

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lora_cli.errors import DataError, LoraError
+from lora_cli.errors import DataError, LoraError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -195,21 +195,25 @@ def row_name(source: str, number: int, identity: dict[str, Any] | None = None) -
 
 
 def _looks_like_hub_id(spec: str) -> bool:
-    """org/name or org/name:split, not a missing data/file.jsonl or ./folder, nor a missing data/facts
-    in a local folder data/ (a typo there would otherwise go looking on the hub)."""
+    """org/name or org/name:split, not a missing data/file.jsonl or ./folder."""
     name = spec.split(":", 1)[0]
-    return (name.count("/") == 1 and not spec.startswith((".", "/", "~"))
-            and Path(name).suffix.lower() not in FILE_SUFFIXES and not Path(name.split("/")[0]).is_dir())
+    return name.count("/") == 1 and not spec.startswith((".", "/", "~")) and Path(name).suffix.lower() not in FILE_SUFFIXES
 
 
 def _check_hub_dataset(name: str, spec: str, flag: str) -> None:
     """One quick look at the hub before `datasets` asks it: with no network, datasets retries for half a
     minute before it gives up. A dataset already in the local caches is left to datasets."""
     from huggingface_hub import constants, dataset_info
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
 
     import datasets
 
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise DataError(f"{flag} {spec}: no such local file or folder, nor a valid hub dataset id (org/name); "
+                        "check the path") from None
     folder = name.replace("/", "--")
     cached = (Path(constants.HF_HUB_CACHE) / f"datasets--{folder}").is_dir() or \
         (Path(datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___")).is_dir()
@@ -374,6 +378,25 @@ def text_of(value: Any) -> str:
 TOOL_KEYS = ("tool_calls", "name", "tool_call_id")
 
 
+def _tool_value(key: str, value: Any) -> Any:
+    """Tool calls as chat templates take them: OpenAI's format gives a call's arguments as a JSON string,
+    which templates would encode a second time; they expect the object."""
+    if key != "tool_calls" or not isinstance(value, list):
+        return value
+    calls = []
+    for call in value:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            try:
+                arguments = json.loads(function["arguments"])
+            except ValueError:
+                arguments = None
+            if isinstance(arguments, dict):
+                call = {**call, "function": {**function, "arguments": arguments}}
+        calls.append(call)
+    return calls
+
+
 def to_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, Any]] | None:
     """A row as chat messages (None for plain text and prompt/completion rows).
 
@@ -392,7 +415,7 @@ def to_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, Any
         # the ShareGPT names of the roles (gpt, human, bot, model) mean what they mean there; other roles
         # (tool, ...) go to the template as they are
         messages = [{"role": SHAREGPT_ROLES.get(str(m["role"]).lower(), str(m["role"])), "content": text_of(m["content"]),
-                     **{key: m[key] for key in TOOL_KEYS if m.get(key) is not None}} for m in raw]
+                     **{key: _tool_value(key, m[key]) for key in TOOL_KEYS if m.get(key)}} for m in raw]
     elif fmt == "sharegpt":
         raw = row["conversations"]
         try:
@@ -449,7 +472,18 @@ class Renderer:
         if not roles or roles[0] != "user" or "assistant" not in roles:
             raise DataError(f"{where}: a conversation must start with a user turn and hold an assistant turn")
         if self.template == "chat":
-            return self._render_chat(messages, where)
+            try:
+                return self._render_chat(messages, where)
+            except DataError:
+                raise
+            except Exception as exc:  # the template's own refusal (jinja2's TemplateError, or a raise_exception)
+                raise DataError(f"{where}: the chat template cannot render this conversation ({first_line(exc)})"
+                                ) from exc
+        other = sorted({m["role"] for m in messages} - {"system", "user", "assistant"})
+        if other or any(m.get("tool_calls") for m in messages):
+            raise DataError(f"{where}: tool turns ({', '.join(other) or 'tool_calls'}) need a chat template, and the "
+                            "Alpaca template has no place for them; use a tokenizer with a chat template, or "
+                            "leave these rows out")
         return self._render_alpaca(messages)
 
     def prompt(self, messages: list[dict[str, str]]) -> str:
@@ -541,21 +575,11 @@ class Renderer:
 
 
 def tokenize(rendered: Rendered, tokenizer: Any, max_seq_len: int, train_on_inputs: bool) -> dict[str, list[int]]:
-    """Token ids and labels; a token is trained when its first character lies in a trained range.
-
-    Where a token would straddle the start or end of a trained range (a prompt ending in a space, whose
-    tokenizer joins that space to the answer's first word), the text is tokenized piece by piece at those
-    boundaries instead: otherwise that first word is never trained, and the prompt tokens seen in training
-    are not the ones generation sees (the prompt is tokenized alone there)."""
+    """Token ids and labels; a token is trained when its first character lies in a trained range."""
     enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    bounds = sorted({b for span in rendered.trained for b in span} - {0, len(rendered.text)})
-    if any(start < b < end for start, end in offsets for b in bounds):
-        ids, offsets = [], []
-        for start, end in zip([0, *bounds], [*bounds, len(rendered.text)]):
-            piece = tokenizer(rendered.text[start:end], add_special_tokens=False, return_offsets_mapping=True)
-            ids += piece["input_ids"]
-            offsets += [(start + s, start + e) for s, e in piece["offset_mapping"]]
+    if not train_on_inputs:
+        ids, offsets = _split_at_answer_starts(rendered, tokenizer, ids, offsets)
     ids = ids[:max_seq_len]
     if train_on_inputs:
         labels = list(ids)
@@ -563,6 +587,35 @@ def tokenize(rendered: Rendered, tokenizer: Any, max_seq_len: int, train_on_inpu
         labels = [tok if any(s <= start < e for s, e in rendered.trained) else IGNORE_INDEX
                   for tok, (start, _end) in zip(ids, offsets)]
     return {"input_ids": ids, "labels": labels}
+
+
+def _split_at_answer_starts(rendered: Rendered, tokenizer: Any, ids: list[int], offsets: list[tuple[int, int]]
+                            ) -> tuple[list[int], list[tuple[int, int]]]:
+    """A token that begins in the prompt and runs into an answer (a completion prompt ending in a space,
+    which byte-level tokenizers join to the answer's first word) would keep that word from ever being
+    trained, and give training prompt tokens that generation, tokenizing the prompt alone, never feeds.
+    Such a token is re-tokenized as its prompt part and its answer part, the rest left as the whole text
+    has it; where that does not spell the same text (a tokenizer that puts a space before every piece),
+    the whole-text tokens stay and the straddling token is trained instead."""
+    starts = {start for start, _ in rendered.trained} - {0}
+    straddling = {i: b for i, (s, e) in enumerate(offsets) for b in starts if s < b < e}
+    if not straddling:
+        return ids, offsets
+    new_ids: list[int] = []
+    new_offsets: list[tuple[int, int]] = []
+    for i, (token, (s, e)) in enumerate(zip(ids, offsets)):
+        if i not in straddling:
+            new_ids.append(token)
+            new_offsets.append((s, e))
+            continue
+        for a, z in ((s, straddling[i]), (straddling[i], e)):
+            piece = tokenizer(rendered.text[a:z], add_special_tokens=False, return_offsets_mapping=True)
+            new_ids += piece["input_ids"]
+            new_offsets += [(a + ps, a + pe) for ps, pe in piece["offset_mapping"]]
+    if tokenizer.decode(new_ids) == tokenizer.decode(ids):
+        return new_ids, new_offsets
+    # the straddling token starts in the prompt: moving its start onto the answer gets it trained
+    return ids, [(straddling[i], e) if i in straddling else (s, e) for i, (s, e) in enumerate(offsets)]
 
 
 @dataclass

@@ -179,7 +179,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{key:14}{report['base'][key]:>12.4f}{report['adapted'][key]:>12.4f}")
     matched = report.get("exact_match_rows")
     if matched is not None and matched != report["rows"]:
-        lines.append(f"(exact match over {matched} row{'s' if matched != 1 else ''}: the length limit cuts only the losses)")
+        lines.append(f"(exact match over {matched} row{'s' if matched != 1 else ''}: rows the length limit cuts "
+                     "from the losses are still answered; conversations ending in a tool call are not)")
     if "general" in report:
         g = report["general"]
         lines.append(f"general text perplexity {g['base_perplexity']:.3f} -> {g['adapted_perplexity']:.3f} "

@@ -42,11 +42,11 @@ def packed_attention_forward(module: Any, query: Any, key: Any, value: Any, atte
 
     bounds = kwargs.get("cu_seq_lens_q")
     lengths = bounds.diff().tolist() if bounds is not None else []
-    # What plain causal attention cannot do goes to transformers' SDPA too, whose mask for packed rows
-    # has it: a sliding window shorter than an example (Mistral, Gemma), attention sinks, softcapping.
-    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    # A sliding window shorter than an example (Mistral v0.1, Gemma) goes to transformers' SDPA too, whose
+    # mask for packed rows has it. The layer says so in its kwargs, else (some models) as an attribute.
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
     if (bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]
-            or (window and max(lengths) > window) or kwargs.get("s_aux") is not None or kwargs.get("softcap")):
+            or (window and max(lengths) > window)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5

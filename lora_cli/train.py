@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -171,7 +172,8 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         kept = f"checkpoints before it are kept in {run_dir / runs.CHECKPOINTS}" if saved else "no checkpoint was saved"
         raise LoraError(f"training stopped at step {guard.bad_step}: the loss became NaN or infinite ({kept}); "
                         f"start again with a lower --lr (or --precision fp32) and --overwrite")
-    if interrupt.interrupted:
+    # Ctrl-C in the last step: training is complete, only the writing is left, so it is done now
+    if interrupt.interrupted and trainer.state.global_step < trainer.state.max_steps:
         return TrainResult(run_dir, {"status": "interrupted", "step": trainer.state.global_step}, interrupted=True,
                            model=model)
 
@@ -198,16 +200,18 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
 
 
 def check_goes_further(cfg: TrainConfig, run_dir: Path, train_rows: int, world_size: int) -> None:
-    """A resumed run must end past the step it resumes from. A finished run would otherwise only have its
-    adapter replaced by a copy trained a step past its end (the Trainer takes one more step from a
-    checkpoint at the last step); an unfinished one would be marked finished with no step taken."""
+    """A resumed run must not end before the step it resumes from: the Trainer would mark it finished
+    with no step taken and a loss of 0. A finished run must go past its end, or it would only have its
+    adapter replaced by a copy trained a step past it (the Trainer takes one more step from a checkpoint
+    at the last step)."""
     from lora_cli import runs
 
     finished = runs.is_finished(run_dir)
     if finished:
         done = (runs.read_manifest(run_dir) or {}).get("metrics", {}).get("global_step", 0)
-    else:
-        done = int(Path(runs.newest_checkpoint(run_dir)).name.rsplit("-", 1)[-1])
+    else:  # checkpoint_is_complete has read this file already
+        state = json.loads((Path(runs.newest_checkpoint(run_dir)) / "trainer_state.json").read_text())
+        done = int(state.get("global_step", 0))
     t = cfg.training
     if t.max_steps > 0:
         target, fix = t.max_steps, f"a --max-steps above {done}"
@@ -215,7 +219,9 @@ def check_goes_further(cfg: TrainConfig, run_dir: Path, train_rows: int, world_s
         batches = math.ceil(train_rows / (t.per_device_train_batch_size * world_size))
         target = math.ceil(t.num_train_epochs * math.ceil(batches / t.gradient_accumulation_steps))
         fix = f"more --epochs than {t.num_train_epochs:g}"
-    if target <= done:
+    # an unfinished run whose checkpoint is at its very end (killed while writing the adapter) still
+    # resumes: the Trainer finishes it
+    if target < done or (finished and target == done):
         if finished:
             raise RunError(f"--resume: {run_dir} is finished ({done} steps); to train it further pass {fix}, "
                            "or start a new run")

@@ -102,3 +102,16 @@ def test_a_section_left_empty_is_fine_and_a_section_given_as_a_value_is_named(tm
     with pytest.raises(ConfigError, match=r"'lora' in .*r.yaml must be a section of keys \(such as lora: \{r: ...\}\), "
                                           r"not int 8"):
         load_yaml(recipe)
+
+
+def test_epochs_on_resume_switch_a_max_steps_run_to_epochs_only_when_they_are_new(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("training:\n  num_train_epochs: 3\n")
+    record = build_config(recipe, {"training.max_steps": 500}).to_record()
+    # the same recipe given again on resume keeps the run's --max-steps
+    assert build_config(recipe, {"resume": True}, recorded=record).training.max_steps == 500
+    assert build_config(None, {"training.num_train_epochs": 3}, recorded=record).training.max_steps == 500
+    # a new epoch count asks for a length in epochs; with --max-steps too, the steps decide
+    assert build_config(None, {"training.num_train_epochs": 5}, recorded=record).training.max_steps == -1
+    cfg = build_config(None, {"training.num_train_epochs": 5, "training.max_steps": 800}, recorded=record)
+    assert cfg.training.max_steps == 800

@@ -464,9 +464,8 @@ def test_a_blank_system_turn_is_left_out_as_generation_leaves_it_out(fmt, row, t
     assert plain.text.startswith(renderer.prompt([{"role": "user", "content": "Hi"}]))
 
 
-@pytest.mark.parametrize("fixture", ["tokenizer", "alpaca_tokenizer"])
-def test_a_blank_or_tool_call_assistant_turn_is_context_not_an_answer(fixture, request):
-    tok = request.getfixturevalue(fixture)
+def test_a_blank_or_tool_call_assistant_turn_is_context_not_an_answer(tokenizer):
+    tok = tokenizer
     row = {"messages": [
         {"role": "user", "content": "Weather in Veloria?"},
         {"role": "assistant", "content": None,
@@ -487,3 +486,56 @@ def test_sharegpt_role_names_in_chat_rows_are_the_roles_they_name(tokenizer):
     aliased = {"messages": [{"role": "human", "content": "Hi"}, {"role": "gpt", "content": "Hello"}]}
     plain = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
     assert renderer.render(aliased, "chat", "r") == renderer.render(plain, "chat", "r")
+
+
+
+def _metaspace_tokenizer(scheme):
+    """A SentencePiece-style tokenizer (LLaMA-2, Mistral): a space becomes part of the next word's token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import CORPUS
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme)
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=scheme)
+    tok.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+@pytest.mark.parametrize("scheme", ["always", "first"])
+def test_a_seam_token_that_cannot_be_split_cleanly_is_trained_whole(scheme):
+    # '\u2581capital' starts at the prompt's space; tokenized alone, 'capital' would gain a second space
+    tok = _metaspace_tokenizer(scheme)
+    rendered = Renderer(tok, "alpaca").render({"prompt": "Veloria: The ", "completion": "capital of Veloria."},
+                                              "completion", "r")
+    example = tokenize(rendered, tok, 512, False)
+    assert example["input_ids"] == tok(rendered.text, add_special_tokens=False)["input_ids"]  # the text unchanged
+    assert trained_text(example, tok).strip() == "capital of Veloria.</s>"  # and the first word trained
+
+
+def test_tool_calls_reach_the_template_as_it_expects_them(tokenizer):
+    from transformers import AutoTokenizer
+
+    # a template that shows tool calls, and refuses an empty list of them as Llama 3.1's does
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if 'tool_calls' in m %}"
+                "{% if m.tool_calls | length != 1 %}{{ raise_exception('one call at a time') }}{% endif %}"
+                "CALL {{ m.tool_calls[0].function.arguments | tojson }}{% else %}{{ m.content }}{% endif %}"
+                "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = template
+    renderer = Renderer(tok)
+    call = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Veloria"}'}}
+    row = {"messages": [{"role": "user", "content": "Weather?", "tool_calls": []},
+                        {"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "content": "20C"}, {"role": "assistant", "content": "It is 20C."}]}
+    example = tokenize(renderer.render(row, "chat", "r"), tok, 512, False)
+    # the call is an answer here, its arguments an object (not a JSON string encoded twice)
+    assert trained_text(example, tok) == 'CALL {"city": "Veloria"}<|im_end|>It is 20C.<|im_end|>'
+    two_calls = {"messages": [row["messages"][0], {**row["messages"][1], "tool_calls": [call, call]},
+                              *row["messages"][2:]]}
+    with pytest.raises(DataError, match=r"^row 7: the chat template cannot render this conversation \(one call"):
+        renderer.render(two_calls, "chat", "row 7")
+    with pytest.raises(DataError, match=r"^row 7: tool turns \(tool\) need a chat template"):
+        Renderer(tok, "alpaca").render(row, "chat", "row 7")

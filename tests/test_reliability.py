@@ -231,3 +231,24 @@ def test_a_failure_inside_a_streamed_generation_reaches_the_caller(tiny_model_di
     sampling.repetition_penalty = 1.0  # and a sound request still streams its text
     pieces: list[str] = []
     assert generate_one(loaded, "Hello", sampling, on_text=pieces.append) == "".join(pieces)
+
+
+def test_ctrl_c_in_the_last_step_finishes_the_run(workdir, tiny_model_dir, facts_file):
+    """Training is complete after the last step: only the writing is left, so Ctrl-C there finishes the run
+    instead of leaving a checkpoint at the very end to resume from."""
+    from transformers import TrainerCallback
+
+    from lora_cli import train as training
+    from lora_cli.config import build_config
+
+    class CtrlCInLastStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == state.max_steps - 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = build_config(None, {"model.name": str(tiny_model_dir), "data.path": str(facts_file),
+                              "output_dir": str(workdir / "run"), "training.max_steps": 4, "lora.r": 4,
+                              "model.precision": "fp32", "training.save_steps": 100})
+    result = training.run(cfg, extra_callbacks=[CtrlCInLastStep()])
+    assert not result.interrupted and runs.is_finished(workdir / "run")
+    assert result.manifest["metrics"]["global_step"] == 4
