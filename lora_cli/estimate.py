@@ -15,7 +15,7 @@ from typing import Any
 
 from lora_cli.errors import ConfigError, ModelError, first_line
 from lora_cli.packed_attention import EAGER_MAX_TOKENS  # torch-free at import, like this module
-from lora_cli.targets import expand_target_modules
+from lora_cli.targets import check_present, for_model
 
 CONFIG_DIR = Path(__file__).parent / "assets" / "model_configs"
 GPU_SIZES_GB = (8, 12, 16, 24, 40, 80)  # GPU sizes as sold; taken as GiB (an "80GB" card has ~80 GiB)
@@ -116,9 +116,21 @@ def _build_peft_model(config, r, lora_alpha, targets, use_dora, lora_dropout, dt
         with init_empty_weights(), torch.device("meta"):
             model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch_dtype)
         model.tie_weights()  # under init_empty_weights tied embeddings stay untied; count them once
+        # presets follow the model as lora train makes them (fused q/k/v, gate/up)
+        available = _linear_names(model)
+        targets, _ = for_model(targets, available)
+        check_present(targets, available)
         with torch.device("meta"):
-            return _count(model, LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, use_dora=use_dora,
-                                            lora_dropout=lora_dropout, task_type="CAUSAL_LM"), get_peft_model)
+            counts = _count(model, LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, use_dora=use_dora,
+                                              lora_dropout=lora_dropout, task_type="CAUSAL_LM"), get_peft_model)
+        return (*counts, targets)
+
+
+def _linear_names(model) -> set[str]:
+    import torch
+
+    return {name.split(".")[-1] for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.split(".")[-1] != "lm_head"}
 
 
 def _count(model, lora_config, get_peft_model):
@@ -280,13 +292,12 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
     if r < 1 or batch_size < 1 or max_seq_len < 1:
         raise ConfigError("LoRA rank, batch size and sequence length must all be at least 1.")
     kind = "cpu" if str(device).startswith("cpu") else "cuda"
-    targets = expand_target_modules(target_modules)
     shape = _model_shape(model_config)
     p = DTYPE_BYTES[compute_dtype]
     if chunked_loss is None:
         chunked_loss = getattr(model_config, "model_type", None) in CHUNKED_LOSS_MODEL_TYPES
-    base_params, linears, adapted, trainable, total = _build_peft_model(
-        model_config, r, lora_alpha, targets, use_dora, lora_dropout, compute_dtype)
+    base_params, linears, adapted, trainable, total, targets = _build_peft_model(
+        model_config, r, lora_alpha, target_modules, use_dora, lora_dropout, compute_dtype)
 
     def activations(batch: int, checkpointing: bool = gradient_checkpointing, cpu: bool = kind == "cpu") -> int:
         return sum(_activation_parts(shape, adapted, batch=batch, seq=max_seq_len, p=p, r=r, quantization=quantization,

@@ -286,14 +286,14 @@ def add_lora(model: Any, settings: Any, *, quantized: bool, gradient_checkpointi
     """Wrap the frozen base with a PEFT LoRA adapter; unknown target modules are a usage error."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from lora_cli.targets import expand_target_modules
+    from lora_cli.targets import check_present, for_model
 
-    targets = expand_target_modules(settings.target_modules)
     available = linear_module_names(model)
-    missing = [t for t in targets if t not in available]
-    if missing:
-        raise ConfigError(f"--target-modules {','.join(missing)} not found in this model; it has: "
-                          + ", ".join(sorted(available)))
+    targets, fused = for_model(settings.target_modules, available)
+    if fused:
+        log.info("This model fuses projections: --target-modules %s adapts %s", settings.target_modules,
+                 " and ".join(fused))
+    check_present(targets, available)
     _warn_rank_above_width(model, targets, settings.r)
     if quantized:
         # Casts norms to fp32 for stability and wires input gradients for checkpointing.

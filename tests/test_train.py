@@ -304,3 +304,57 @@ def test_a_rank_above_a_layers_width_is_named(tiny_model_dir, caplog):
     assert "v_proj (32)" in line and "q_proj" not in line
     assert "q_proj (64), v_proj (32)" in warnings_for(80)[0]
     assert warnings_for(32) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_phi3_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model's shape as Phi-3 lays it out: q/k/v fused in qkv_proj, gate/up in gate_up_proj."""
+    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+
+    folder = tmp_path_factory.mktemp("phi3")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    config = Phi3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    Phi3ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("preset, adapted", [
+    ("all-linear", {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
+    ("qv", {"qkv_proj"}),
+    ("mlp", {"gate_up_proj", "down_proj"}),
+])
+def test_presets_adapt_the_fused_layers_of_a_fused_model_and_estimate_counts_them(preset, adapted, tiny_phi3_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lora_cli import models
+    from lora_cli.config import LoraSettings
+    from lora_cli.estimate import estimate
+
+    model = models.add_lora(AutoModelForCausalLM.from_pretrained(tiny_phi3_dir, dtype=torch.float32),
+                            LoraSettings(r=4, target_modules=preset), quantized=False, gradient_checkpointing=False)
+    assert set(model.peft_config["default"].target_modules) == adapted
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # lora estimate, from the config alone, counts the same adapter
+    report = estimate(AutoConfig.from_pretrained(tiny_phi3_dir), r=4, target_modules=preset)
+    assert set(report["target_modules"]) == adapted and report["trainable_params"] == trainable
+
+
+def test_a_named_layer_held_in_a_fused_one_is_refused_by_train_and_estimate_alike(tiny_phi3_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lora_cli import models
+    from lora_cli.config import LoraSettings
+    from lora_cli.errors import ConfigError
+    from lora_cli.estimate import estimate
+
+    message = r"^--target-modules q_proj not found in this model \(q_proj is inside qkv_proj\); it has: down_proj"
+    with pytest.raises(ConfigError, match=message):
+        models.add_lora(AutoModelForCausalLM.from_pretrained(tiny_phi3_dir, dtype=torch.float32),
+                        LoraSettings(r=4, target_modules="q_proj,o_proj"), quantized=False, gradient_checkpointing=False)
+    with pytest.raises(ConfigError, match=message):  # before, estimate counted o_proj alone without a word
+        estimate(AutoConfig.from_pretrained(tiny_phi3_dir), r=4, target_modules="q_proj,o_proj")
