@@ -393,7 +393,6 @@ def eval_command(
     Example: lora eval --data held_out.jsonl --json
     """
     from lora_cli import evaluate
-
     from lora_cli.config import check_precision
 
     check_precision(precision)

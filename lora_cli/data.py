@@ -291,7 +291,6 @@ def detect_format(rows: list[dict[str, Any]], requested: str = "auto", source: s
     return fmt
 
 
-# The column a row learns from, per format: a blank one would teach the model to answer with nothing.
 # Formats whose rows are trained as raw text: no template renders them.
 RAW_FORMATS = ("completion", "text")
 
@@ -301,6 +300,7 @@ def describe_rendering(fmt: str, template: str) -> str:
     return "raw text (no template)" if fmt in RAW_FORMATS else f"template {template}"
 
 
+# The column a row learns from, per format: a blank one would teach the model to answer with nothing.
 RESPONSE_COLUMN = {"instruction": "output", "completion": "completion", "text": "text"}
 
 
@@ -353,8 +353,9 @@ def is_blank(row: dict[str, Any], fmt: str) -> bool:
         messages = to_messages(row, fmt, "")
     except DataError:
         return False  # malformed: rendering names the row
-    answers = [m["content"] for m in messages or () if m["role"] == "assistant" and not m.get("tool_calls")]
-    tool_calls = any(m.get("tool_calls") for m in messages or ())
+    messages = messages or []
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    tool_calls = any(m.get("tool_calls") for m in messages)  # a call is something to learn, with no text
     return bool(answers) and not tool_calls and not any(answer.strip() for answer in answers)
 
 

@@ -101,6 +101,8 @@ def _build_peft_model(config, r, lora_alpha, targets, use_dora, lora_dropout, dt
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    from lora_cli.models import linear_module_names
+
     quiet = logging.getLogger("bitsandbytes")  # peft imports bitsandbytes, which warns about CPU kernels
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -117,20 +119,13 @@ def _build_peft_model(config, r, lora_alpha, targets, use_dora, lora_dropout, dt
             model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch_dtype)
         model.tie_weights()  # under init_empty_weights tied embeddings stay untied; count them once
         # presets follow the model as lora train makes them (fused q/k/v, gate/up)
-        available = _linear_names(model)
+        available = linear_module_names(model)
         targets, _ = for_model(targets, available)
         check_present(targets, available)
         with torch.device("meta"):
             counts = _count(model, LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, use_dora=use_dora,
                                               lora_dropout=lora_dropout, task_type="CAUSAL_LM"), get_peft_model)
         return (*counts, targets)
-
-
-def _linear_names(model) -> set[str]:
-    import torch
-
-    return {name.split(".")[-1] for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and name.split(".")[-1] != "lm_head"}
 
 
 def _count(model, lora_config, get_peft_model):

@@ -158,16 +158,13 @@ def interactive(loaded: Any, sampling: Sampling, raw: bool, read: Callable[[str]
 def question(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     """A --prompts-file row as the messages training would have rendered before the answer: its system
     prompt, if it has one, then the user message with its input kept apart."""
-    from lora_cli.data import text_of
+    from lora_cli.data import to_messages
 
     prompt = row.get("prompt") or row.get("instruction")
     if not prompt:
         raise DataError(f"{where}: needs a 'prompt' or 'instruction' field")
-    message = {"role": "user", "content": text_of(prompt)}
-    if row.get("input"):
-        message["input"] = text_of(row["input"])
-    system = text_of(row.get("system"))
-    return ([{"role": "system", "content": system}] if system.strip() else []) + [message]
+    # an instruction row, as training read it, without the answer it has yet to get
+    return to_messages({**row, "instruction": prompt, "output": None}, "instruction", where)[:-1]
 
 
 def batch(loaded: Any, prompts_file: Path, output: Path, sampling: Sampling, raw: bool) -> int:

@@ -236,7 +236,7 @@ def _read_layout(base_dir: Path) -> Layout:
         shards = ["model.safetensors"]
     else:
         raise ModelInputError(f"the base {base_dir} has no safetensors weights; re-save it with save_pretrained() "
-                         "(safetensors is the default) and pass that folder with --base")
+                              "(safetensors is the default) and pass that folder with --base")
     weight_map, shapes, codes = {}, {}, []
     for shard in shards:  # headers only: no weight is read here
         for key, info in read_header(base_dir / shard)[1].items():
@@ -263,7 +263,7 @@ def _plan(adapter_dir: Path, base_dir: Path, layout: Layout, config: dict[str, A
     used = [what for key, what in UNSUPPORTED.items() if cfg.get(key)]
     if used:
         raise ModelInputError(f"{adapter_dir} uses {', '.join(used)}, which lora merge cannot fold in; "
-                         "merge it with peft's merge_and_unload instead")
+                              "merge it with peft's merge_and_unload instead")
     parts: dict[str, dict[str, Any]] = {}
     plan = Plan(quantization=quantization, train_dtype=train_dtype)
     for key, tensor in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
@@ -277,7 +277,7 @@ def _plan(adapter_dir: Path, base_dir: Path, layout: Layout, config: dict[str, A
         else:
             if "lora_" in name:
                 raise ModelInputError(f"{adapter_dir} holds {key}, a LoRA tensor lora merge does not know; "
-                                 "merge it with peft's merge_and_unload instead")
+                                      "merge it with peft's merge_and_unload instead")
             plan.replace[name.replace(".base_layer.", ".")] = tensor  # modules_to_save, saved embeddings
     patterns = cfg.get("alpha_pattern") or {}
     # peft's own matching (peft.utils.other.get_pattern_key), without importing peft (5 s) for three lines
@@ -288,7 +288,7 @@ def _plan(adapter_dir: Path, base_dir: Path, layout: Layout, config: dict[str, A
             raise ModelInputError(f"{adapter_dir} lacks lora_A or lora_B for {module}; the adapter is damaged")
         if p["embedding"] and "m" in p:
             raise ModelInputError(f"{adapter_dir} uses DoRA on the embedding {module}, which lora merge cannot fold in; "
-                             "merge it with peft's merge_and_unload instead")
+                                  "merge it with peft's merge_and_unload instead")
         r = p["A"].shape[0]  # rank_pattern gives some modules another r; their tensors say which
         alpha = patterns.get(pattern[module], cfg["lora_alpha"])
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
@@ -304,11 +304,11 @@ def _check_targets(plan: Plan, layout: Layout, config: dict[str, Any], adapter_d
     missing = [key for key in changed if key not in layout.shapes]
     if missing:
         raise ModelInputError(f"the adapter {adapter_dir} changes {missing[0]}, which the base does not have; "
-                         "is --base the model it was trained on?")
+                              "is --base the model it was trained on?")
     if config.get("tie_word_embeddings") and any(k.endswith(("embed_tokens.weight", "lm_head.weight"))
                                                   for k in changed):
         raise ModelInputError(f"the adapter {adapter_dir} changes the embeddings, which this base ties to its output "
-                         "layer, so merging would change both; use it unmerged (lora generate --adapter)")
+                              "layer, so merging would change both; use it unmerged (lora generate --adapter)")
     for key in changed:
         if key in plan.deltas:
             d = plan.deltas[key]
@@ -317,8 +317,8 @@ def _check_targets(plan: Plan, layout: Layout, config: dict[str, Any], adapter_d
             got = list(plan.replace[key].shape)
         if got != layout.shapes[key]:
             raise ModelInputError(f"the adapter {adapter_dir} gives {key} the shape {got} but the base has "
-                             f"{layout.shapes[key]}: is --base the model it was trained on "
-                             "(or were its embeddings resized?)")
+                                  f"{layout.shapes[key]}: is --base the model it was trained on "
+                                  "(or were its embeddings resized?)")
 
 
 def quantized_weight_keys(base_dir: Path) -> set[str]:
@@ -396,7 +396,7 @@ def _check_vocab(tokenizer: Any, layout: Layout, config: dict[str, Any]) -> None
                 config.get("vocab_size"))
     if rows is not None and len(tokenizer) > rows:
         raise ModelInputError(f"the tokenizer has {len(tokenizer)} tokens but the base's embeddings only {rows} rows "
-                         "(tokens were added without resizing them); lora merge cannot fold that in")
+                              "(tokens were added without resizing them); lora merge cannot fold that in")
 
 
 def self_check(folder: Path, base_dir: Path, adapter_dir: Path, tokenizer: Any, plan: Plan,

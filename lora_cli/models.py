@@ -187,7 +187,7 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, revisio
     except (OSError, ValueError) as exc:
         if source.local and not any((Path(source.location) / f).is_file() for f in TOKENIZER_FILES):
             raise ModelInputError(f"{source.location} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the "
-                             "model's tokenizer files in beside its weights") from None
+                                  "model's tokenizer files in beside its weights") from None
         raise ModelError(f"cannot load the tokenizer of '{source.name}': {' '.join(str(exc).split())[:300]}") from None
     if tok.pad_token is None:
         # Reuse an existing token rather than add one: a new token means resizing the embeddings.

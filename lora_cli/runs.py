@@ -47,8 +47,8 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        manifest = exc
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        manifest = None  # not JSON: damaged, as below
     except OSError as exc:
         raise RunError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not isinstance(manifest, dict):

@@ -44,7 +44,7 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
     except (struct.error, ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError, AttributeError) as exc:
         reason = str(exc) or type(exc).__name__
         raise ModelInputError(f"{path} is damaged or not a safetensors file ({reason}); restore it, or download "
-                         "the model again") from None
+                              "the model again") from None
     return metadata, tensors
 
 

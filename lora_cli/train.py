@@ -59,8 +59,9 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     # 2. Tokenizer and data before the weights: bad data fails in seconds, not after a model load.
     tokenizer = models.load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.revision)
     prepared = data.prepare(cfg.data, tokenizer, cfg.training.seed)
-    if cfg.resume:
-        check_goes_further(cfg, run_dir, len(prepared.train), world_size)
+    resume_from = runs.newest_checkpoint(run_dir) if cfg.resume else None
+    if resume_from:
+        check_goes_further(cfg, run_dir, Path(resume_from), len(prepared.train), world_size)
 
     # 3. The frozen base in the fastest precision the hardware has, then the adapter on top.
     precision = models.resolve_precision(cfg.model.precision)
@@ -144,15 +145,15 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         shown += f" + {quantization}" if quantization else ""
         shown += f", input gradients of {int8_projections} frozen projections in int8" if int8_projections else ""
         log.info("Training %s on %d rows (%s, %s): %s trainable of %s parameters (%.2f%%), "
-                    "%s, effective batch %d, lr %g -> %s", source.name, len(prepared.train), prepared.format,
-                    data.describe_rendering(prepared.format, prepared.template), f"{trainable:,}", f"{total:,}", 100 * trainable / total,
-                    shown, effective, t.learning_rate, run_dir)
+                 "%s, effective batch %d, lr %g -> %s", source.name, len(prepared.train), prepared.format,
+                 data.describe_rendering(prepared.format, prepared.template), f"{trainable:,}", f"{total:,}",
+                 100 * trainable / total, shown, effective, t.learning_rate, run_dir)
 
     # 5. Train; Ctrl-C saves a checkpoint and stops, a NaN loss stops before anything is saved.
     started = time.perf_counter()
     interrupt.install()
     try:
-        result = trainer.train(resume_from_checkpoint=runs.newest_checkpoint(run_dir) if cfg.resume else None)
+        result = trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError:
         raise LoraError(f"out of GPU memory at step {trainer.state.global_step}; lower --batch-size (raise --grad-accum "
                         "to keep the effective batch) or --max-seq-len, or add --use-4bit or --gradient-checkpointing "
@@ -199,7 +200,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     return TrainResult(run_dir, record, model=model)
 
 
-def check_goes_further(cfg: TrainConfig, run_dir: Path, train_rows: int, world_size: int) -> None:
+def check_goes_further(cfg: TrainConfig, run_dir: Path, checkpoint: Path, train_rows: int, world_size: int) -> None:
     """A resumed run must not end before the step it resumes from: the Trainer would mark it finished
     with no step taken and a loss of 0. A finished run must go past its end, or it would only have its
     adapter replaced by a copy trained a step past it (the Trainer takes one more step from a checkpoint
@@ -209,9 +210,8 @@ def check_goes_further(cfg: TrainConfig, run_dir: Path, train_rows: int, world_s
     finished = runs.is_finished(run_dir)
     if finished:
         done = (runs.read_manifest(run_dir) or {}).get("metrics", {}).get("global_step", 0)
-    else:  # checkpoint_is_complete has read this file already
-        state = json.loads((Path(runs.newest_checkpoint(run_dir)) / "trainer_state.json").read_text())
-        done = int(state.get("global_step", 0))
+    else:  # the checkpoint it resumes from; checkpoint_is_complete has parsed this file
+        done = int(json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step", 0))
     t = cfg.training
     if t.max_steps > 0:
         target, fix = t.max_steps, f"a --max-steps above {done}"
@@ -219,12 +219,12 @@ def check_goes_further(cfg: TrainConfig, run_dir: Path, train_rows: int, world_s
         batches = math.ceil(train_rows / (t.per_device_train_batch_size * world_size))
         target = math.ceil(t.num_train_epochs * math.ceil(batches / t.gradient_accumulation_steps))
         fix = f"more --epochs than {t.num_train_epochs:g}"
+    if finished and target <= done:
+        raise RunError(f"--resume: {run_dir} is finished ({done} steps); to train it further pass {fix}, "
+                       "or start a new run")
     # an unfinished run whose checkpoint is at its very end (killed while writing the adapter) still
     # resumes: the Trainer finishes it
-    if target < done or (finished and target == done):
-        if finished:
-            raise RunError(f"--resume: {run_dir} is finished ({done} steps); to train it further pass {fix}, "
-                           "or start a new run")
+    if not finished and target < done:
         goal = f"--max-steps {t.max_steps}" if t.max_steps > 0 else f"{t.num_train_epochs:g} epochs ({target} steps)"
         raise RunError(f"--resume: {run_dir} resumes from its checkpoint at step {done}, past the end {goal} sets; "
                        f"pass {fix}, or start a new run")

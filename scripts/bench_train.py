@@ -10,8 +10,9 @@
 
 Each runs in its own process, on the CUDA GPU when there is one (both recipes), else on the CPU.
 Reported: real (non-pad) tokens/s in steady state (after the first 10% of steps), whole-process wall
-time, the start-up (seconds from the process's start to the first step), peak memory (RSS on a CPU, `torch.cuda.max_memory_allocated` on a GPU), response-token loss on
-held-out rows (the same evaluator for both), and model FLOP/s (4 x parameters per token: forward plus
+time, the start-up (seconds from the process's start to the first step), peak memory (RSS on a CPU,
+`torch.cuda.max_memory_allocated` on a GPU), response-token loss on held-out rows (the same evaluator
+for both), and model FLOP/s (4 x parameters per token: forward plus
 backward through frozen weights) as a share of the matmul rate measured on the spot: bf16 on a GPU; on a
 CPU the faster of bf16 and fp32 (bf16 is 7x faster with AMX, but slower than fp32 on CPUs without it).
 """
