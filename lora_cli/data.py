@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from lora_cli import hub
 from lora_cli.errors import DataError, LoraError, first_line
 
 log = logging.getLogger(__name__)
@@ -203,34 +204,28 @@ def _looks_like_hub_id(spec: str) -> bool:
 def _check_hub_dataset(name: str, spec: str, flag: str) -> None:
     """One quick look at the hub before `datasets` asks it: with no network, datasets retries for half a
     minute before it gives up. A dataset already in the local caches is left to datasets."""
-    from huggingface_hub import constants, dataset_info
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub import constants
 
     import datasets
 
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
+    if not hub.is_repo_id(name):
         raise DataError(f"{flag} {spec}: no such local file or folder, nor a valid hub dataset id (org/name); "
-                        "check the path") from None
+                        "check the path")
     folder = name.replace("/", "--")
     cached = (Path(constants.HF_HUB_CACHE) / f"datasets--{folder}").is_dir() or \
         (Path(datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___")).is_dir()
     if cached or os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
         return
-    try:
-        dataset_info(name, timeout=15)
-    except GatedRepoError:
+    answer = hub.ask(name, "dataset")
+    if answer == hub.GATED:
         raise DataError(f"{flag} {spec}: the dataset is gated on the Hugging Face hub; accept its terms on the hub "
-                        "and log in with `hf auth login`, or pass a local file") from None
-    except RepositoryNotFoundError:
+                        "and log in with `hf auth login`, or pass a local file")
+    if answer == hub.NOT_FOUND:
         raise DataError(f"{flag} {spec}: no such local file or folder, and no such dataset on the Hugging Face hub "
-                        "(unknown id, or private); check the path or the id") from None
-    except Exception as exc:  # network errors come from several HTTP libraries: the machine, not the input
+                        "(unknown id, or private); check the path or the id")
+    if answer:  # the machine, not the input
         raise LoraError(f"{flag} {spec}: no such local file or folder, and the Hugging Face hub cannot be reached "
-                        f"to load it as a dataset ({type(exc).__name__}); check your network, or pass a local "
-                        "file") from None
+                        f"to load it as a dataset ({answer}); check your network, or pass a local file")
 
 
 def _read_hub(spec: str, split: str, flag: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:

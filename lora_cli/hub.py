@@ -1,4 +1,5 @@
-"""`--push-to-hub`: upload a finished run's adapter or a merged model to a Hugging Face repository."""
+"""The Hugging Face hub: one quick question before a download, and `--push-to-hub` (upload a finished run's
+adapter or a merged model to a repository)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,42 @@ from lora_cli.errors import LoraError
 # never the checkpoints (optimizer states) or the raw training log.
 RUN_PATTERNS = ["adapter_*", "tokenizer*", "chat_template.jinja", "special_tokens_map.json", "lora_run.json",
                 "loss_curve.png", "README.md"]
+
+
+# What `ask` answers besides None (the repository is there) and the name of a network error.
+GATED, NOT_FOUND = "gated", "not found"
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether `name` can be a hub repository id (NAME or ORG/NAME, the characters the hub allows)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def ask(repo_id: str, repo_type: str, revision: str | None = None) -> str | None:
+    """One question to the hub, 15 s at most, where transformers and datasets would retry for half a minute.
+
+    Returns None when the repository (model or dataset) is there, else why not: GATED, NOT_FOUND (unknown id
+    or revision, or private), or the type of the network error; the callers word it for what was asked.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision, timeout=15)
+    except GatedRepoError:
+        return GATED
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        return NOT_FOUND
+    except Exception as exc:  # network errors come from several HTTP libraries
+        return type(exc).__name__
+    return None
 
 
 def check_push_target(repo_id: str | None) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_cli import hub
 from lora_cli.errors import ConfigError, ModelError, ModelInputError, first_line
 
 log = logging.getLogger(__name__)
@@ -91,15 +92,11 @@ def resolve_model(name: str | None, revision: str | None = None) -> ModelSource:
 
 def check_hub(name: str, hub_id: str, revision: str | None) -> None:
     """Fail in a second with one sentence when the hub id cannot be reached, instead of 30 s of retries."""
-    from huggingface_hub import model_info, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub import try_to_load_from_cache
 
-    try:
-        validate_repo_id(hub_id)
-    except HFValidationError:
+    if not hub.is_repo_id(hub_id):
         raise ConfigError(f"--model {name!r} is neither a model folder, a hub id (org/name) nor one of: "
-                          + ", ".join(SHORT_NAMES)) from None
+                          + ", ".join(SHORT_NAMES))
     if isinstance(try_to_load_from_cache(hub_id, "config.json", revision=revision), str):
         return  # already downloaded: transformers can use the local copy
     asked = f"'{name}'" + (f" ({hub_id})" if hub_id != name else "")
@@ -108,17 +105,16 @@ def check_hub(name: str, hub_id: str, revision: str | None) -> None:
             if hub_id == SHORT_NAMES[EMBEDDED] else ""
         raise ModelError(f"model {asked} is not in the local cache and HF_HUB_OFFLINE=1 forbids downloading it; "
                          f"unset HF_HUB_OFFLINE or pass a local folder with --model{embedded}")
-    try:
-        model_info(hub_id, revision=revision, timeout=15)
-    except GatedRepoError:
+    answer = hub.ask(hub_id, "model", revision)
+    if answer == hub.GATED:
         raise ModelError(f"model {asked} is gated on the Hugging Face hub; accept its licence on the hub and "
-                         "log in with `hf auth login`, or pass a local folder with --model") from None
-    except (RepositoryNotFoundError, RevisionNotFoundError):
+                         "log in with `hf auth login`, or pass a local folder with --model")
+    if answer == hub.NOT_FOUND:
         raise ModelError(f"model {asked} was not found on the Hugging Face hub (unknown id or revision, or private); "
-                         "check the name, log in with `hf auth login`, or pass a local folder with --model") from None
-    except Exception as exc:  # network errors come from several HTTP libraries
-        raise ModelError(f"cannot reach the Hugging Face hub to download model {asked} ({type(exc).__name__}); "
-                         "check your network, or pass a local folder with --model") from None
+                         "check the name, log in with `hf auth login`, or pass a local folder with --model")
+    if answer:
+        raise ModelError(f"cannot reach the Hugging Face hub to download model {asked} ({answer}); "
+                         "check your network, or pass a local folder with --model")
 
 
 def resolve_precision(precision: str) -> str:

@@ -471,6 +471,61 @@ def test_an_adapter_is_not_applied_twice_and_a_dangling_latest_is_named(workdir,
     assert "latest points to" in result.output and "which no longer exists" in result.output
 
 
+@pytest.fixture
+def local_hub(monkeypatch):
+    """A local HTTP server answering as the hub does: ids with "gated" are gated, ids with "missing" unknown."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from huggingface_hub import constants
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_GET(self):
+            status, code = (403, "GatedRepo") if "gated" in self.path else \
+                (404, "RepoNotFound") if "missing" in self.path else (200, None)
+            body = json.dumps({"id": "org/x"} if code is None else {"error": code}).encode()
+            self.send_response(status)
+            if code:
+                self.send_header("X-Error-Code", code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read from the environment at import
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    yield
+    server.shutdown()
+
+
+def test_the_hubs_answers_for_models_and_datasets_become_one_line_each(local_hub):
+    from lora_cli import data, models
+    from lora_cli.errors import ConfigError, DataError, ModelError
+
+    models.check_hub("org/there", "org/there", None)  # there: no error, transformers goes on to download it
+    with pytest.raises(ModelError, match="'org/gated' is gated on the Hugging Face hub; accept its licence"):
+        models.check_hub("org/gated", "org/gated", None)
+    with pytest.raises(ModelError, match="'org/missing' was not found on the Hugging Face hub"):
+        models.check_hub("org/missing", "org/missing", None)
+    with pytest.raises(ConfigError, match="is neither a model folder, a hub id"):
+        models.check_hub("my org/model", "my org/model", None)
+
+    data._check_hub_dataset("org/there", "org/there", "--data")
+    with pytest.raises(DataError, match="org/gated: the dataset is gated on the Hugging Face hub"):
+        data._check_hub_dataset("org/gated", "org/gated", "--data")
+    with pytest.raises(DataError, match="no such dataset on the Hugging Face hub"):
+        data._check_hub_dataset("org/missing", "org/missing:test", "--eval-data")
+    with pytest.raises(DataError, match="nor a valid hub dataset id"):
+        data._check_hub_dataset("my org/data", "my org/data", "--data")
+
+
 def test_an_unreachable_hub_dataset_fails_at_once_without_retries(workdir, tiny_model_dir):
     # No offline switch: the hub is asked, and answers nothing (a closed local port stands in for no network).
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
