@@ -361,10 +361,13 @@ def with_input(message: dict[str, str]) -> str:
 
 
 def text_of(value: Any) -> str:
-    """A cell as text: null is empty, text parts are joined in order, anything else (0 and false are
-    answers too) is its string. check_rows has made sure nothing else is here."""
+    """A cell as text: null is empty, text parts are joined in order, true and false are spelled as in the
+    JSON they came from (not Python's True), anything else (0 is an answer too) is its string. check_rows
+    has made sure nothing else is here."""
     if value is None:
         return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, list):
         return "".join(part["text"] for part in value)
     return str(value)

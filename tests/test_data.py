@@ -360,10 +360,11 @@ def test_a_conversation_whose_answers_are_all_blank_is_left_out(tokenizer, tmp_p
     assert prepared.dropped == 1 and [trained_text(row, tokenizer) for row in prepared.train] == ["hello<|im_end|>"]
 
 
-def test_falsy_answers_are_answers(tokenizer):
-    example = tokenize(Renderer(tokenizer).render({"instruction": "1-1?", "output": 0}, "instruction", "r"),
+@pytest.mark.parametrize("answer, trained", [(0, "0"), (False, "false"), (True, "true"), (2.5, "2.5")])
+def test_falsy_answers_are_answers_and_json_values_keep_their_spelling(tokenizer, answer, trained):
+    example = tokenize(Renderer(tokenizer).render({"instruction": "Is it?", "output": answer}, "instruction", "r"),
                        tokenizer, 512, False)
-    assert trained_text(example, tokenizer) == "0<|im_end|>"
+    assert trained_text(example, tokenizer) == trained + "<|im_end|>"
 
 
 def test_a_hub_dataset_that_cannot_be_loaded_gets_one_line_naming_the_cause(monkeypatch):
