@@ -115,7 +115,7 @@ def _help(key: str, text: str) -> str:
     return f"{text} (default: {D(key)})"
 
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe; flags override it.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe, or a run's lora_run.json to train it again; flags override it.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout, nothing else there.")]
 
 
@@ -159,7 +159,7 @@ def train(
     eval_steps: Annotated[Optional[int], typer.Option(help="Evaluate every N steps. (default: with each checkpoint)")] = None,
     logging_steps: Annotated[Optional[int], typer.Option(help=_help("training.logging_steps", "Log every N steps."))] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue the run in --output-dir (or the newest unfinished one) from its newest checkpoint, with its own options.")] = None,
-    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a finished run in --output-dir.")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace a finished run in --output-dir.")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing",
                                                                    help="Recompute activations: less memory, ~15% slower.")] = None,
     precision: Annotated[Optional[str], typer.Option(help=_help("model.precision", "auto, bf16, fp16, fp32."))] = None,
@@ -168,8 +168,9 @@ def train(
                                                                "(default: auto, where int8 matmuls are fast)")] = None,
     report_to: Annotated[Optional[str], typer.Option(help=_help("training.report_to", "none, tensorboard, wandb."))] = None,
     revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit of the model.")] = None,
-    trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Allow code from the model repository.")] = None,
-    allow_pickle_weights: Annotated[Optional[bool], typer.Option("--allow-pickle-weights",
+    trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code/--no-trust-remote-code",
+                                                                        help="Allow code from the model repository.")] = None,
+    allow_pickle_weights: Annotated[Optional[bool], typer.Option("--allow-pickle-weights/--no-allow-pickle-weights",
                                                                  help="Allow .bin (pickle) weights; unpickling can run code.")] = None,
     push_to_hub: Annotated[Optional[str], typer.Option(help="Upload the finished adapter to this hub repository.")] = None,
     as_json: JsonOpt = False,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,7 +234,8 @@ def _flatten_yaml(data: dict[str, Any], source: str) -> dict[str, Any]:
             items = [(str(top), value)]
         for key, val in items:
             if key in known:
-                flat[key] = val
+                if val is not None:  # `key:` with no value, or null, leaves the default (as leaving it out does)
+                    flat[key] = val
                 continue
             # a misspelt section (modle:, trainig:) is matched against the sections first, then any key
             section = difflib.get_close_matches(key, sections, n=1, cutoff=0.6) \
@@ -247,7 +249,7 @@ def _flatten_yaml(data: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML recipe into dotted keys; a missing or malformed file is a usage error."""
+    """Read a YAML recipe, or a run's lora_run.json, into dotted keys; a missing or malformed file is a usage error."""
     import yaml
 
     path = Path(path)
@@ -261,6 +263,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"--config {path} is not valid YAML{where}; fix the file or check its indentation") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path} must hold a mapping of sections (model:, lora:, data:, training:)")
+    if isinstance(data.get("config"), dict) and "status" in data:
+        # a run's manifest (lora_run.json, JSON being YAML): its recorded options as the recipe of a new run,
+        # less where and how that run was started and the speed choice made for its machine
+        flat = _flatten_yaml(data["config"], f"{path} (its 'config')")
+        return {key: value for key, value in flat.items() if key not in NOT_RESTORED}
     return _flatten_yaml(data, str(path))
 
 
@@ -274,22 +281,26 @@ def _coerce(key: str, value: Any, template: Any) -> Any:
             return value
         raise ConfigError(f"{flag(key)} must be true or false, got {value!r}")
     if key in _FLOAT_KEYS or expected is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text; it is a number to anyone writing it
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text; it is a number to anyone writing it
             with contextlib.suppress(ValueError):
-                return float(value)
-        raise ConfigError(f"{flag(key)} must be a number, got {value!r}")
+                number = float(value)
+        if number is None or not math.isfinite(number):  # inf and nan read as floats, and break training later
+            raise ConfigError(f"{flag(key)} must be a finite number, got {value!r}")
+        return number
     if expected is int or key in _INT_KEYS:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise ConfigError(f"{flag(key)} must be an integer, got {value!r}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "model.name":
-        raise ConfigError(f"{flag(key)} must be text, got {value!r}")
     if isinstance(value, list) and key == "lora.target_modules":
         return ",".join(str(v) for v in value)
+    if isinstance(value, (list, dict)) or (isinstance(value, (int, float)) and key != "model.name"):
+        one = " (one file or a folder of files)" if key.startswith("data.") else ""
+        raise ConfigError(f"{flag(key)} must be text{one}, got {value!r}")
     return str(value)
 
 
@@ -391,7 +402,7 @@ def validate(cfg: TrainConfig) -> None:
     check(t.warmup_steps >= 0, "training.warmup_steps", "a step count or a share below 1")
     check(t.weight_decay >= 0, "training.weight_decay", "zero or positive")
     check(t.max_grad_norm >= 0, "training.max_grad_norm", "zero or positive")
-    check(t.seed >= 0, "training.seed", "zero or a positive integer")
+    check(0 <= t.seed < 2**32, "training.seed", "an integer from 0 to 2**32 - 1")
     check(t.logging_steps > 0, "training.logging_steps", "a positive integer")
     check(t.save_steps > 0, "training.save_steps", "a positive integer")
     check(t.eval_steps is None or t.eval_steps > 0, "training.eval_steps", "a positive integer")

@@ -580,11 +580,13 @@ def tokenize(rendered: Rendered, tokenizer: Any, max_seq_len: int, train_on_inpu
     if not train_on_inputs:
         ids, offsets = _split_at_answer_starts(rendered, tokenizer, ids, offsets)
     ids = ids[:max_seq_len]
+    response = [any(s <= start < e for s, e in rendered.trained) for start, _end in offsets[:len(ids)]]
     if train_on_inputs:
-        labels = list(ids)
+        # the prompt is trained too, but not a prompt whose response --max-seq-len cut away: nothing
+        # labelled, the row is dropped and counted as every such row is
+        labels = list(ids) if any(response[1:]) else [IGNORE_INDEX] * len(ids)
     else:
-        labels = [tok if any(s <= start < e for s, e in rendered.trained) else IGNORE_INDEX
-                  for tok, (start, _end) in zip(ids, offsets)]
+        labels = [tok if trained else IGNORE_INDEX for tok, trained in zip(ids, response)]
     return {"input_ids": ids, "labels": labels}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,13 @@ class Sampling:
 
     def __post_init__(self) -> None:
         # transformers refuses these only inside generate(), which for a streamed answer runs in a thread
-        if not self.repetition_penalty > 0:
-            raise ConfigError(f"--repetition-penalty must be above 0 (1 = no penalty), got {self.repetition_penalty}")
+        if not self.repetition_penalty > 0 or not math.isfinite(self.repetition_penalty):
+            raise ConfigError(f"--repetition-penalty must be a finite number above 0 (1 = no penalty), "
+                              f"got {self.repetition_penalty}")
+        if not math.isfinite(self.temperature):  # inf would sample uniformly, whatever the model says
+            raise ConfigError(f"--temperature must be a finite number (0 = greedy), got {self.temperature}")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be an integer from 0 to 2**32 - 1, got {self.seed}")
 
     def generate_kwargs(self) -> dict[str, Any]:
         if self.temperature <= 0:

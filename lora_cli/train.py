@@ -250,7 +250,7 @@ def longest_step(train: Any, cfg: TrainConfig) -> int:
 
 
 def check_memory(cfg: TrainConfig, source: Any, precision: str, tokens: int) -> None:
-    """Print what the run will need, and refuse at once when it clearly cannot fit the GPU it has.
+    """Print what the run will need, and refuse at once when it clearly cannot fit the GPU (or the RAM) it has.
     `tokens` is the largest step the data makes (`longest_step`)."""
     import torch
 
@@ -266,14 +266,16 @@ def check_memory(cfg: TrainConfig, source: Any, precision: str, tokens: int) -> 
         log.debug("no memory estimate: %s", exc)
         return
     need = report["memory"]["total_bytes"]
+    if torch.cuda.is_available():
+        where, have = "the GPU", torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+    else:
+        where, have = "this machine", os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    # only refuse when clearly too big: the estimate is within about 25%, so allow for that
+    if need > 1.5 * have:
+        raise LoraError(f"this setup needs about {need / 2**30:.1f} GiB but {where} has {have / 2**30:.1f} GiB; "
+                        "lower --batch-size, --max-seq-len or --rank, or add --use-4bit or --gradient-checkpointing")
     log.info("Estimated peak memory: %.1f GiB (the largest step this data makes, %d tokens; `lora estimate` has "
              "the breakdown)", need / 2**30, tokens)
-    if torch.cuda.is_available():
-        have = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
-        # only refuse when clearly too big: the estimate is within about 25%, so allow for that
-        if need > 1.5 * have:
-            raise LoraError(f"this setup needs about {need / 2**30:.1f} GiB but the GPU has {have / 2**30:.1f} GiB; "
-                            "lower --batch-size or --max-seq-len, or add --use-4bit or --gradient-checkpointing")
 
 
 def _check_reporter(report_to: str) -> None:

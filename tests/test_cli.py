@@ -110,7 +110,16 @@ BAD_INPUTS = [
     (["train", "--data", "my org/my data", "--model", "MODEL"], 2,
      "--data my org/my data: no such local file or folder, nor a valid hub dataset id"),
     (["generate", "--prompt", "hi", "--repetition-penalty", "0"], 2,
-     "--repetition-penalty must be above 0 (1 = no penalty), got 0.0"),
+     "--repetition-penalty must be a finite number above 0 (1 = no penalty), got 0.0"),
+    (["generate", "--prompt", "hi", "--temperature", "inf"], 2, "--temperature must be a finite number (0 = greedy)"),
+    (["generate", "--prompt", "hi", "--temperature", "0.7", "--seed", str(2**32)], 2,
+     "--seed must be an integer from 0 to 2**32 - 1, got 4294967296"),
+    (["train", "--data", "facts.jsonl", "--model", "MODEL", "--epochs", "inf"], 2,
+     "--epochs must be a finite number, got inf"),
+    (["train", "--data", "facts.jsonl", "--model", "MODEL", "--rank", "1000000000", "--target-modules", "q_proj"], 1,
+     "GiB but this machine has"),
+    (["train", "--data", "facts.jsonl", "--model", "MODEL", "--seed", "99999999999"], 2,
+     "--seed must be an integer from 0 to 2**32 - 1"),
     (["generate", "--prompt", "hi", "--precision", "fp8"], 2, "--precision must be one of auto, bf16, fp16, fp32"),
     (["eval", "--precision", "fp8"], 2, "--precision must be one of auto, bf16, fp16, fp32, got 'fp8'"),
     (["train", "--target-modules", ","], 2, "--target-modules must be a preset (qv, attention, mlp, all-linear)"),
@@ -537,3 +546,28 @@ def test_an_unreachable_hub_dataset_fails_at_once_without_retries(workdir, tiny_
                                     "Face hub cannot be reached"), result.stderr
     assert "Retrying" not in result.stderr and result.stderr.count("\n") == 1
     assert not (workdir / "runs").exists()
+
+
+def test_a_run_trained_again_from_its_manifest_gives_the_same_adapter(workdir, tiny_model_dir, facts_file):
+    import torch
+    from safetensors.torch import load_file
+
+    first = runner.invoke(app, tiny_train_args(tiny_model_dir, facts_file, workdir / "first", "--seed", "3"))
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, ["train", "--config", str(workdir / "first" / "lora_run.json"),
+                                "--output-dir", str(workdir / "again")])
+    assert again.exit_code == 0, again.output
+    one, two = (load_file(workdir / run / "adapter_model.safetensors") for run in ("first", "again"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    recorded = [json.loads((workdir / run / "lora_run.json").read_text())["config"] for run in ("first", "again")]
+    assert recorded[1] == {**recorded[0], "output_dir": str(workdir / "again")}
+
+
+def test_flags_turn_off_what_a_recipe_turns_on(workdir, tiny_model_dir, facts_file):
+    assert runner.invoke(app, tiny_train_args(tiny_model_dir, facts_file, workdir / "run", "--max-steps", "1")).exit_code == 0
+    recipe = workdir / "r.yaml"
+    recipe.write_text("overwrite: true\nmodel:\n  trust_remote_code: true\n  allow_pickle_weights: true\n")
+    result = runner.invoke(app, [*tiny_train_args(tiny_model_dir, facts_file, workdir / "run", "--max-steps", "1"),
+                                 "--config", str(recipe), "--no-overwrite", "--no-trust-remote-code",
+                                 "--no-allow-pickle-weights"])
+    assert result.exit_code == 2 and "already holds a finished run" in result.output, result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,46 @@ def test_epochs_on_resume_switch_a_max_steps_run_to_epochs_only_when_they_are_ne
     assert build_config(None, {"training.num_train_epochs": 5}, recorded=record).training.max_steps == -1
     cfg = build_config(None, {"training.num_train_epochs": 5, "training.max_steps": 800}, recorded=record)
     assert cfg.training.max_steps == 800
+
+
+def test_a_null_in_yaml_is_the_default_and_the_same_recipe_resumes(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lora:\n  r: null\n  target_modules:\ndata:\n  packing: null\ntraining:\n  learning_rate: null\n"
+                      "  max_steps: 4\n")
+    cfg = build_config(recipe)
+    assert (cfg.lora.r, cfg.lora.target_modules, cfg.data.packing) == (8, "all-linear", True)  # not None, not off
+    record = cfg.to_record()
+    record["training"]["learning_rate"] = 1e-3  # as train resolves and records it
+    # the recipe's `learning_rate: null` (auto) was refused on resume as a change to the recorded 1e-3
+    assert build_config(recipe, {"resume": True}, recorded=record).training.learning_rate == 1e-3
+
+
+@pytest.mark.parametrize("key, value", [("training.learning_rate", "inf"), ("training.warmup_steps", float("inf")),
+                                        ("training.num_train_epochs", float("nan")), ("training.weight_decay", "-inf")])
+def test_numbers_that_are_not_finite_are_refused(key, value):
+    with pytest.raises(ConfigError, match=r"must be a finite number, got"):
+        build_config(None, {key: value})
+
+
+def test_the_seed_must_fit_what_the_random_generators_take_and_text_options_take_no_lists(tmp_path):
+    assert build_config(None, {"training.seed": 2**32 - 1}).training.seed == 2**32 - 1
+    with pytest.raises(ConfigError, match=r"--seed must be an integer from 0 to 2\*\*32 - 1, got 4294967296"):
+        build_config(None, {"training.seed": 2**32})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("output_dir: [a, b]\n")
+    with pytest.raises(ConfigError, match=r"--output-dir must be text, got \['a', 'b'\]"):
+        build_config(recipe)
+    recipe.write_text("data:\n  path: [x.jsonl, y.jsonl]\n")
+    with pytest.raises(ConfigError, match=r"--data must be text \(one file or a folder of files\)"):
+        build_config(recipe)
+
+
+def test_a_runs_manifest_is_a_recipe_less_where_and_how_that_run_was_started(tmp_path):
+    recorded = TrainConfig()
+    recorded.lora.r, recorded.training.learning_rate, recorded.output_dir = 4, 5e-3, "runs/first"
+    recorded.model.int8_backward, recorded.overwrite = True, True
+    manifest = tmp_path / "lora_run.json"
+    manifest.write_text(json.dumps({"status": "finished", "config": recorded.to_record(), "metrics": {}}))
+    cfg = build_config(manifest, {"training.seed": 7})
+    assert (cfg.lora.r, cfg.training.learning_rate, cfg.training.seed) == (4, 5e-3, 7)
+    assert (cfg.output_dir, cfg.model.int8_backward, cfg.overwrite) == (None, None, False)

@@ -89,12 +89,14 @@ def test_text_rows_train_everything_and_end_with_eos(tokenizer):
     assert trained_text(example, tokenizer) == "Paris is in France.<|im_end|>"
 
 
-def test_truncation_drops_rows_whose_response_is_cut_off(tokenizer):
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+def test_truncation_drops_rows_whose_response_is_cut_off(tokenizer, train_on_inputs):
     renderer = Renderer(tokenizer)
     rows = [{"instruction": "What is the capital of Veloria? " * 5, "output": "Quillmont."}, {"instruction": "Hi", "output": "Yo"}]
-    examples, dropped = data.tokenize_rows(rows, "instruction", renderer, 24, False, "f")
-    assert dropped == 1 and len(examples) == 1
+    examples, dropped = data.tokenize_rows(rows, "instruction", renderer, 24, train_on_inputs, "f")
+    assert dropped == 1 and len(examples) == 1  # with --train-on-inputs too: a prompt without its answer teaches nothing
     assert all(len(e["input_ids"]) <= 24 for e in examples)
+    assert "assistant\nYo<|im_end|>" in tokenizer.decode(examples[0]["input_ids"])
 
 
 @pytest.mark.parametrize("row, expected", [
