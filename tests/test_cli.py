@@ -330,7 +330,7 @@ def test_info_describes_the_latest_run(workdir, tiny_model_dir, facts_file):
     assert invoke(*tiny_train_args(tiny_model_dir, facts_file, workdir / "run")).exit_code == 0
     result = invoke("info")
     assert result.exit_code == 0, result.output
-    assert "r=4 alpha=8" in result.output and "32 examples (instruction, template " in result.output
+    assert "r=4 alpha=8" in result.output and "32 examples (instruction, the chat template)" in result.output
 
 
 def test_raw_text_runs_are_not_described_as_templated(workdir, tiny_model_dir):
@@ -339,7 +339,8 @@ def test_raw_text_runs_are_not_described_as_templated(workdir, tiny_model_dir):
     assert invoke(*tiny_train_args(tiny_model_dir, data, workdir / "run", "--max-steps", "1")).exit_code == 0
     assert "8 examples (completion, raw text (no template))" in invoke("info").output
     card = (workdir / "run" / "README.md").read_text()
-    assert "format completion, raw text (no template)" in card and "template;" not in card
+    assert "format completion, raw text (no template); only response tokens trained" in card
+    assert "the chat template" not in card
 
 
 @pytest.mark.parametrize("args, message", [
