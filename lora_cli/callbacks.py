@@ -24,6 +24,7 @@ class LoraProgress(ProgressCallback):
         self.start_tokens = 0
         self.eval_seconds = 0.0
         self.first_step_after: float | None = None  # seconds from the command to this process's first step
+        self.steps = 0  # optimizer steps taken by this process (a resume from the last checkpoint takes none)
 
     def on_train_begin(self, args, state, control, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
@@ -32,6 +33,10 @@ class LoraProgress(ProgressCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if self.first_step_after is None:
             self.first_step_after = seconds_since_process_start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        self.steps += 1
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         super().on_evaluate(args, state, control, metrics=metrics, **kwargs)
@@ -94,19 +99,23 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
 
 class SaveOnInterrupt(TrainerCallback):
-    """Ctrl-C finishes the current step, saves a resumable checkpoint and stops; a second Ctrl-C aborts."""
+    """Ctrl-C (or SIGTERM, which schedulers send before they kill) finishes the current step, saves a
+    resumable checkpoint and stops; a second one aborts. Installed until the run folder is written: a
+    signal while the finished adapter and manifest are written lets them finish first."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.interrupted = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 
     def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def _handle(self, signum, frame):
         if self.interrupted:
@@ -114,6 +123,16 @@ class SaveOnInterrupt(TrainerCallback):
         self.interrupted = True
 
     def on_step_end(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            # Every process stops at the same step, or the ones still training wait forever in the next
+            # step's collectives for the ones saving: a signal that reached only some ranks (a kill to one
+            # pid) or reached them a step apart is shared here.
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(self.interrupted)], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.interrupted = bool(flag.item())
         if self.interrupted:
             control.should_save = True
             control.should_training_stop = True

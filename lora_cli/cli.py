@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -98,13 +99,20 @@ def errors_as_one_line(func: Callable[..., Any]) -> Callable[..., Any]:
         except LoraError as exc:
             if state["debug"]:  # the traceback, and still the exit status that says what kind of error it was
                 traceback.print_exc()
-            typer.echo(f"error: {exc}", err=True)
+            # bad input (exit 2) is the same for every process of a multi-process run: said once, by rank 0
+            if _is_main_process() or exc.exit_code != 2:
+                typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("error: interrupted", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch, or the only process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _print_json(data: Any) -> None:
@@ -222,10 +230,11 @@ def train(
 
     result = training.run(cfg)
     if result.interrupted:
-        typer.echo(f"Interrupted at step {result.manifest['step']}; a checkpoint is saved. Continue with: "
-                   f"lora train --resume --output-dir {result.run_dir}", err=True)
+        if _is_main_process():
+            typer.echo(f"Interrupted at step {result.manifest['step']}; a checkpoint is saved. Continue with: "
+                       f"lora train --resume --output-dir {result.run_dir}", err=True)
         raise typer.Exit(130)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not _is_main_process():
         return
     if cfg.push_to_hub:
         from lora_cli.hub import push
@@ -532,6 +541,9 @@ def run() -> None:
     from lora_cli import startup
 
     startup.command_process = True
+    # SIGTERM (kill, a scheduler's notice) unwinds like Ctrl-C: a merge removes its unfinished folder, a
+    # training saves a checkpoint (lora_cli/callbacks.py), where the default would just end the process
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         code = app(standalone_mode=False)
     except Exception as exc:  # typer's usage errors come from its private copy of click: matched by shape

@@ -6,6 +6,7 @@ written last and atomically, after the adapter, so a run that was killed never l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -87,21 +88,36 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def update_latest(run_dir: Path) -> None:
-    """Point `runs/latest` at the run: a symlink where the system has them, else a one-line file."""
+    """Point `runs/latest` at the run: a symlink where the system has them, else a one-line file. The run
+    is whole before this: a folder where the pointer cannot be written gets a warning, not a failed run."""
+    import logging
+
     root = runs_root()
-    root.mkdir(parents=True, exist_ok=True)
     link = root / "latest"
     target = run_dir.resolve()
     tmp = root / f".latest-{os.getpid()}"
     try:
-        if tmp.is_symlink() or tmp.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            if tmp.is_symlink() or tmp.exists():
+                tmp.unlink()
+            os.symlink(target, tmp, target_is_directory=True)
+        except OSError:
+            tmp.write_text(str(target) + "\n")
+        check_latest_can_point()
+        os.replace(tmp, link)
+    except (OSError, RunError) as exc:
+        with contextlib.suppress(OSError):
             tmp.unlink()
-        os.symlink(target, tmp, target_is_directory=True)
-    except OSError:
-        tmp.write_text(str(target) + "\n")
+        logging.getLogger(__name__).warning("%s was not pointed at %s (%s); name the run to other commands",
+                                            link, run_dir, getattr(exc, "strerror", None) or exc)
+
+
+def check_latest_can_point() -> None:
+    """`runs/latest` is a pointer lora replaces; a real folder there is the user's, never replaced."""
+    link = runs_root() / "latest"
     if link.is_dir() and not link.is_symlink():
         raise RunError(f"{link} is a real folder; move it away so that it can point at the newest run")
-    os.replace(tmp, link)
 
 
 def latest_run() -> Path | None:
@@ -164,10 +180,16 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, inputs: tuple
         raise RunError(f"--output-dir {run_dir} is a file; name a folder for the run")
     if not run_dir.exists():
         check_can_create(run_dir, "--output-dir")
+    check_latest_can_point()
     if resume:
         if not (run_dir / CHECKPOINTS).is_dir():
-            raise RunError(f"--resume: {run_dir} has no checkpoints to resume from; start it without --resume")
+            raise RunError(f"--resume: {run_dir} has no checkpoints to resume from; start it again with --overwrite")
         newest_checkpoint(run_dir)  # fails now, not after the model has loaded, when none is complete
+        try:  # it will be written to: a read-only one fails now, not after the model has loaded
+            os.rmdir(tempfile.mkdtemp(prefix=".lora-probe-", dir=run_dir))
+        except OSError as exc:
+            raise RunError(f"--resume: {run_dir} cannot be written to ({exc.strerror or exc}); make it writable, or "
+                           "copy the run somewhere you can write and resume it there") from None
         return
     if not (run_dir.exists() and any(run_dir.iterdir())):
         return
@@ -176,8 +198,10 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, inputs: tuple
         raise RunError(f"--output-dir {run_dir} holds files that are not a lora run (such as {example}); pick another "
                        "folder (--overwrite only replaces runs)")
     if not overwrite:
-        state = "a finished run" if is_finished(run_dir) else "an unfinished run"
-        fix = "--overwrite" if is_finished(run_dir) else "--resume to continue it, or --overwrite"
+        resumable = not is_finished(run_dir) and _has_complete_checkpoint(run_dir)
+        state = "a finished run" if is_finished(run_dir) else "an unfinished run" + (
+            "" if resumable else " with no complete checkpoint to resume from")
+        fix = "--resume to continue it, or --overwrite" if resumable else "--overwrite"
         raise RunError(f"--output-dir {run_dir} already holds {state}; pick another folder or pass {fix}")
     if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
         raise RunError(f"--overwrite would delete {run_dir}, the folder this command runs in; run it from "
@@ -244,7 +268,11 @@ def newest_checkpoint(run_dir: Path) -> str | None:
         if checkpoint_is_complete(checkpoint):
             return str(checkpoint)
         log.warning("skipping incomplete checkpoint %s", checkpoint)
-    raise RunError(f"--resume: no complete checkpoint in {folder}; start the run again without --resume")
+    raise RunError(f"--resume: no complete checkpoint in {folder}; start the run again with --overwrite")
+
+
+def _has_complete_checkpoint(run_dir: Path) -> bool:
+    return any(checkpoint_is_complete(c) for c in (run_dir / CHECKPOINTS).glob("checkpoint-*"))
 
 
 def checkpoint_is_complete(checkpoint: Path) -> bool:

@@ -52,16 +52,22 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     import torch
     from transformers import TrainingArguments
 
-    from lora_cli import callbacks, data, int8_backward, manifest, model_card
+    from lora_cli import callbacks, data, int8_backward, manifest
     from lora_cli.loss import LoraTrainer
-    from lora_cli.report import plot_loss_curve
 
     # 2. Tokenizer and data before the weights: bad data fails in seconds, not after a model load.
     tokenizer = models.load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.revision)
     prepared = data.prepare(cfg.data, tokenizer, cfg.training.seed)
     resume_from = runs.newest_checkpoint(run_dir) if cfg.resume else None
+    at_end = False
     if resume_from:
-        check_goes_further(cfg, run_dir, Path(resume_from), len(prepared.train), world_size)
+        at_end = check_goes_further(cfg, run_dir, Path(resume_from), len(prepared.train), world_size)
+        before = (runs.read_manifest(run_dir) or {}).get("world_size")
+        if is_main and before and before != world_size:
+            per_process = cfg.training.per_device_train_batch_size * cfg.training.gradient_accumulation_steps
+            log.warning("this run was trained with %d processes (effective batch %d); resumed with %d, its steps "
+                        "take %d rows each from here on", before, per_process * before, world_size,
+                        per_process * world_size)
 
     # 3. The frozen base in the fastest precision the hardware has, then the adapter on top.
     precision = models.resolve_precision(cfg.model.precision)
@@ -105,6 +111,10 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
 
     # 4. The Trainer, with the options named as TrainingArguments names them.
     t = cfg.training
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:
+        # accelerate launch exports its config file's mixed_precision, which TrainingArguments adopts when
+        # neither bf16 nor fp16 is set: --precision decides, as it does without a launcher
+        os.environ["ACCELERATE_MIXED_PRECISION"] = precision if precision in ("bf16", "fp16") else "no"
     args = TrainingArguments(
         output_dir=str(run_dir / runs.CHECKPOINTS),
         num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
@@ -149,62 +159,94 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
                  data.describe_rendering(prepared.format, prepared.template), f"{trainable:,}", f"{total:,}",
                  100 * trainable / total, shown, effective, t.learning_rate, run_dir)
 
-    # 5. Train; Ctrl-C saves a checkpoint and stops, a NaN loss stops before anything is saved.
+    # 5. Train; Ctrl-C saves a checkpoint and stops, a NaN loss stops before anything is saved. The
+    # handler stays until the run folder is written: a signal there waits for the writing to end.
     started = time.perf_counter()
     interrupt.install()
     try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
-    except torch.OutOfMemoryError:
-        raise LoraError(f"out of GPU memory at step {trainer.state.global_step}; lower --batch-size (raise --grad-accum "
-                        "to keep the effective batch) or --max-seq-len, or add --use-4bit or --gradient-checkpointing "
-                        f"(`lora estimate` shows what fits); checkpoints so far are kept in {run_dir / runs.CHECKPOINTS}"
-                        ) from None
-    except RuntimeError as exc:
-        if not (cfg.resume and "size mismatch" in str(exc)):
-            raise
-        raise RunError(f"--resume: the checkpoint in {run_dir / runs.CHECKPOINTS} was made with other options "
-                       "(rank, target modules or model); resume with the options the run started with") from None
+        try:
+            result = None if at_end else trainer.train(resume_from_checkpoint=resume_from)
+            if at_end:
+                _load_checkpoint(trainer, Path(resume_from))
+        except torch.OutOfMemoryError:
+            raise LoraError(f"out of GPU memory at step {trainer.state.global_step}; lower --batch-size (raise "
+                            "--grad-accum to keep the effective batch) or --max-seq-len, or add --use-4bit or "
+                            "--gradient-checkpointing (`lora estimate` shows what fits); checkpoints so far are kept "
+                            f"in {run_dir / runs.CHECKPOINTS}") from None
+        except RuntimeError as exc:
+            if not (cfg.resume and "size mismatch" in str(exc)):
+                raise
+            raise RunError(f"--resume: the checkpoint in {run_dir / runs.CHECKPOINTS} was made with other options "
+                           "(rank, target modules or model); resume with the options the run started with") from None
+        elapsed = time.perf_counter() - started
+        if guard.bad_step is not None:
+            # resuming would replay the same steps into the same NaN: the way on is a new start with other settings
+            saved = sorted((run_dir / runs.CHECKPOINTS).glob("checkpoint-*"))
+            kept = f"checkpoints before it are kept in {run_dir / runs.CHECKPOINTS}" if saved else "no checkpoint was saved"
+            raise LoraError(f"training stopped at step {guard.bad_step}: the loss became NaN or infinite ({kept}); "
+                            f"start again with a lower --lr (or --precision fp32) and --overwrite")
+        # Ctrl-C in the last step: training is complete, only the writing is left, so it is done now
+        if interrupt.interrupted and trainer.state.global_step < trainer.state.max_steps:
+            return TrainResult(run_dir, {"status": "interrupted", "step": trainer.state.global_step},
+                               interrupted=True, model=model)
+
+        # 6. Final numbers, then the adapter (whole, then renamed into place) and the manifest last.
+        train_loss = result.training_loss if result else None
+        if not progress.steps:  # resumed from a checkpoint at the run's end: no step here, the run's logged losses
+            losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+            train_loss = sum(losses) / len(losses) if losses else None
+        metrics = {"train_loss": train_loss, "train_runtime_s": round(elapsed, 2),
+                   "global_step": trainer.state.global_step,
+                   "tokens_seen": int(trainer.state.num_input_tokens_seen),
+                   "tokens_per_second": round(progress.tokens_per_second(trainer.state), 1),
+                   "eval_seconds": round(progress.eval_seconds, 2),  # inside train_runtime_s, outside tokens_per_second
+                   # imports, model and data loading: from the command to this process's first step
+                   "seconds_to_first_step": None if progress.first_step_after is None
+                   else round(progress.first_step_after, 2),
+                   "trainable_params": trainable, "total_params": total}
+        if prepared.eval is not None:
+            metrics["eval_loss"] = final_eval_loss(trainer, last_eval)
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+        record = manifest.build(cfg, source, base_params, precision, quantization, prepared, metrics, world_size)
+        if trainer.is_world_process_zero():
+            _write_finished_run(cfg, run_dir, record, model, tokenizer)
     finally:
         interrupt.uninstall()
-    elapsed = time.perf_counter() - started
-    if guard.bad_step is not None:
-        # resuming would replay the same steps into the same NaN: the way on is a new start with other settings
-        saved = sorted((run_dir / runs.CHECKPOINTS).glob("checkpoint-*"))
-        kept = f"checkpoints before it are kept in {run_dir / runs.CHECKPOINTS}" if saved else "no checkpoint was saved"
-        raise LoraError(f"training stopped at step {guard.bad_step}: the loss became NaN or infinite ({kept}); "
-                        f"start again with a lower --lr (or --precision fp32) and --overwrite")
-    # Ctrl-C in the last step: training is complete, only the writing is left, so it is done now
-    if interrupt.interrupted and trainer.state.global_step < trainer.state.max_steps:
-        return TrainResult(run_dir, {"status": "interrupted", "step": trainer.state.global_step}, interrupted=True,
-                           model=model)
-
-    # 6. Final numbers, then the adapter (whole, then renamed into place) and the manifest last.
-    metrics = {"train_loss": result.training_loss, "train_runtime_s": round(elapsed, 2),
-               "global_step": trainer.state.global_step,
-               "tokens_seen": int(trainer.state.num_input_tokens_seen),
-               "tokens_per_second": round(progress.tokens_per_second(trainer.state), 1),
-               "eval_seconds": round(progress.eval_seconds, 2),  # inside train_runtime_s, outside tokens_per_second
-               # imports, model and data loading: from the command to this process's first step
-               "seconds_to_first_step": None if progress.first_step_after is None else round(progress.first_step_after, 2),
-               "trainable_params": trainable, "total_params": total}
-    if prepared.eval is not None:
-        metrics["eval_loss"] = final_eval_loss(trainer, last_eval)
-        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
-    record = manifest.build(cfg, source, base_params, precision, quantization, prepared, metrics, world_size)
-    if trainer.is_world_process_zero():
-        card = model_card.adapter_card(record, cfg.push_to_hub or str(run_dir), published=bool(cfg.push_to_hub))
-        save_adapter(model, tokenizer, run_dir, card)
-        plot_loss_curve(run_dir)
-        runs.write_json_atomic(run_dir / runs.MANIFEST, record)
-        runs.update_latest(run_dir)
     return TrainResult(run_dir, record, model=model)
 
 
-def check_goes_further(cfg: TrainConfig, run_dir: Path, checkpoint: Path, train_rows: int, world_size: int) -> None:
+def _load_checkpoint(trainer: Any, checkpoint: Path) -> None:
+    """The adapter weights and the Trainer's state of a checkpoint, without a step (see check_goes_further)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    set_peft_model_state_dict(trainer.model, load_file(str(checkpoint / "adapter_model.safetensors")))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+
+
+def _write_finished_run(cfg: TrainConfig, run_dir: Path, record: dict[str, Any], model: Any, tokenizer: Any) -> None:
+    """The adapter (whole, then renamed into place) and the manifest last. A finished run trained further
+    is first marked unfinished: its adapter is about to be replaced, and until the new manifest is written
+    the folder must not pass for the run it was."""
+    from lora_cli import model_card, runs
+    from lora_cli.report import plot_loss_curve
+
+    if runs.is_finished(run_dir):
+        runs.write_json_atomic(run_dir / runs.MANIFEST, {**record, "status": "started"})
+    card = model_card.adapter_card(record, cfg.push_to_hub or str(run_dir), published=bool(cfg.push_to_hub))
+    save_adapter(model, tokenizer, run_dir, card)
+    plot_loss_curve(run_dir)
+    runs.write_json_atomic(run_dir / runs.MANIFEST, record)
+    runs.update_latest(run_dir)
+
+
+def check_goes_further(cfg: TrainConfig, run_dir: Path, checkpoint: Path, train_rows: int, world_size: int) -> bool:
     """A resumed run must not end before the step it resumes from: the Trainer would mark it finished
     with no step taken and a loss of 0. A finished run must go past its end, or it would only have its
     adapter replaced by a copy trained a step past it (the Trainer takes one more step from a checkpoint
-    at the last step)."""
+    at the last step). Returns whether the checkpoint is the end of an unfinished run (a kill while the
+    finished run was written): it is written out as it is, with no step."""
     from lora_cli import runs
 
     finished = runs.is_finished(run_dir)
@@ -222,12 +264,11 @@ def check_goes_further(cfg: TrainConfig, run_dir: Path, checkpoint: Path, train_
     if finished and target <= done:
         raise RunError(f"--resume: {run_dir} is finished ({done} steps); to train it further pass {fix}, "
                        "or start a new run")
-    # an unfinished run whose checkpoint is at its very end (killed while writing the adapter) still
-    # resumes: the Trainer finishes it
     if not finished and target < done:
         goal = f"--max-steps {t.max_steps}" if t.max_steps > 0 else f"{t.num_train_epochs:g} epochs ({target} steps)"
         raise RunError(f"--resume: {run_dir} resumes from its checkpoint at step {done}, past the end {goal} sets; "
                        f"pass {fix}, or start a new run")
+    return not finished and target == done
 
 
 def final_eval_loss(trainer: Any, last_eval: Any) -> float:
@@ -310,12 +351,14 @@ def save_adapter(model: Any, tokenizer: Any, run_dir: Path, card: str | None = N
 
     tmp = run_dir / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if card is not None:
-        (tmp / "README.md").write_text(card, encoding="utf-8")
-    verify_adapter(tmp)
-    # weights last: adapter_model.safetensors present means the adapter is whole
-    for item in sorted(tmp.iterdir(), key=lambda p: p.name == "adapter_model.safetensors"):
-        os.replace(item, run_dir / item.name)
-    tmp.rmdir()
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+        verify_adapter(tmp)
+        # weights last: adapter_model.safetensors present means the adapter is whole
+        for item in sorted(tmp.iterdir(), key=lambda p: p.name == "adapter_model.safetensors"):
+            os.replace(item, run_dir / item.name)
+    finally:  # also on an error or a second Ctrl-C: no half-written copy left beside the run
+        shutil.rmtree(tmp, ignore_errors=True)

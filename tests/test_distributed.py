@@ -98,3 +98,78 @@ def test_two_process_run_resumes_from_its_checkpoint(tiny_model_dir, facts_file,
     b = load_file(str(tmp_path / "split" / "adapter_model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def _torchrun() -> list[str]:
+    if shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None:
+        pytest.skip("torchrun is not installed beside this Python")
+    return [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2", "--standalone",
+            "-m", "lora_cli"]
+
+
+def test_a_signal_that_reaches_one_rank_stops_both_at_the_same_checkpoint(tiny_model_dir, facts_file, tmp_path):
+    """A kill to one worker's pid: that rank saving while the other trains on would leave both waiting in
+    collectives until the 30-minute timeout. Both stop at one step and save one complete checkpoint."""
+    import signal
+    import time
+
+    import psutil
+
+    from lora_cli import runs
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORA_RUNS_DIR": str(tmp_path / "runs")}
+    args = tiny_train_args(tiny_model_dir, facts_file, tmp_path / "run", "--max-steps", "100000", "--save-steps",
+                           "100000", "--batch-size", "2")
+    # the output to a file: a pipe nobody reads fills up with the progress bar and blocks the ranks
+    log = (tmp_path / "stderr.txt").open("w")
+    proc = subprocess.Popen([*_torchrun(), *args], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / "train_log.jsonl").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+    assert len(workers) == 1, (tmp_path / "stderr.txt").read_text()[-3000:]
+    workers[0].send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=180)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()
+        raise AssertionError("the ranks did not stop together: the run hung after one of them was signalled")
+    err = (tmp_path / "stderr.txt").read_text()
+    checkpoints = list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and runs.checkpoint_is_complete(checkpoints[0]), err[-3000:]
+    assert {p.name for p in checkpoints[0].glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert err.count("Interrupted at step") == 1  # said by rank 0 only
+    assert not runs.is_finished(tmp_path / "run")
+
+
+def test_bad_input_is_said_once_under_two_processes(tiny_model_dir, facts_file, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORA_RUNS_DIR": str(tmp_path / "runs")}
+    result = _train(_torchrun(), [*tiny_train_args(tiny_model_dir, facts_file, tmp_path / "run"), "--rank", "0"],
+                    env, tmp_path)
+    assert result.returncode != 0 and result.stderr.count("error: --rank must be a positive integer") == 1, \
+        result.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_launchers_mixed_precision_does_not_override_the_precision_asked(tiny_model_dir, facts_file, tmp_path,
+                                                                          monkeypatch):
+    """accelerate launch exports its config's mixed_precision (bf16 in every file we ship); TrainingArguments
+    adopts it when bf16 and fp16 are off, so --precision fp32 silently trained under bf16 autocast."""
+    from transformers import TrainerCallback
+
+    from lora_cli import train
+    from test_train import tiny_config
+
+    seen = {}
+
+    class Precision(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen["mixed_precision"] = args.mixed_precision
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("LORA_RUNS_DIR", str(tmp_path / "runs"))
+    train.run(tiny_config(tiny_model_dir, facts_file, tmp_path / "run", **{"training.max_steps": 1}),
+              extra_callbacks=[Precision()])
+    assert seen == {"mixed_precision": "no"}

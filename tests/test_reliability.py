@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import logged_steps, tiny_train_args
 from lora_cli import runs
+from lora_cli.errors import RunError
 
 # Runs `lora train` in-process with a callback that slows each step down, so a test can interrupt it
 # at a known point. The product code is untouched; only the pace changes.
@@ -93,14 +95,15 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter(workdir, tiny_model_
     assert_same_adapter(workdir / "ref", workdir / "killed")
 
 
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(workdir, tiny_model_dir, facts_file):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(workdir, tiny_model_dir, facts_file, signum):
     args = tiny_train_args(tiny_model_dir, facts_file, workdir / "run", "--max-steps", "200", "--save-steps", "100")
     proc = start_slow(args, workdir)
     deadline = time.time() + 300
     while not (workdir / "run" / "train_log.jsonl").is_file() and time.time() < deadline:
         time.sleep(0.1)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)  # SIGTERM: what a scheduler sends before it kills a job
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "--resume --output-dir" in err
@@ -123,9 +126,98 @@ def test_a_failure_while_saving_leaves_no_adapter(workdir, tiny_model_dir, facts
     with pytest.raises(LoraError, match="simulated"):
         train.run(tiny_config(tiny_model_dir, facts_file, workdir / "run"))
     assert not (workdir / "run" / "adapter_model.safetensors").exists()
+    assert not (workdir / "run" / ".adapter.tmp").exists()  # nor a half-written copy beside it
     assert runs.read_manifest(workdir / "run")["status"] == "started" and not runs.is_finished(workdir / "run")
     with pytest.raises(Exception, match="is an unfinished run"):
         runs.find_run(str(workdir / "run"))
+
+
+def test_ctrl_c_while_the_finished_run_is_written_waits_for_the_writing(workdir, tiny_model_dir, facts_file,
+                                                                        monkeypatch):
+    from lora_cli import adapters, train
+    from test_train import tiny_config
+
+    verify = adapters.verify_adapter
+
+    def interrupted_while_saving(folder):
+        os.kill(os.getpid(), signal.SIGINT)  # handled at once, in the middle of the writing
+        verify(folder)
+
+    monkeypatch.setattr(adapters, "verify_adapter", interrupted_while_saving)
+    result = train.run(tiny_config(tiny_model_dir, facts_file, workdir / "run", **{"training.max_steps": 2}))
+    assert not result.interrupted and runs.is_finished(workdir / "run")
+    assert (workdir / "run" / "adapter_model.safetensors").is_file() and not (workdir / "run" / ".adapter.tmp").exists()
+
+
+def test_a_finished_run_trained_further_is_unfinished_until_its_new_adapter_is_written(
+        workdir, tiny_model_dir, facts_file, monkeypatch):
+    from lora_cli import adapters, train
+    from lora_cli.errors import LoraError
+    from test_train import tiny_config
+
+    train.run(tiny_config(tiny_model_dir, facts_file, workdir / "run", **{"training.max_steps": 4,
+                                                                          "training.save_steps": 4}))
+
+    def broken(folder):
+        raise LoraError("disk full (simulated)")
+
+    monkeypatch.setattr(adapters, "verify_adapter", broken)
+    with pytest.raises(LoraError, match="simulated"):
+        train.run(tiny_config(tiny_model_dir, facts_file, workdir / "run", **{"training.max_steps": 8, "resume": True}))
+    # the 4-step record must not stand beside an adapter that may already be the 8-step one
+    assert not runs.is_finished(workdir / "run")
+    with pytest.raises(Exception, match="is an unfinished run"):
+        runs.find_run(str(workdir / "run"))
+
+
+def test_a_resume_from_a_checkpoint_at_the_runs_end_reports_the_runs_loss(workdir, tiny_model_dir, facts_file):
+    """A kill while the finished run was written leaves its last checkpoint: resuming writes the adapter
+    from it, with the losses the run logged, not the 0.0 of the no steps taken in this process."""
+    from lora_cli import train
+    from test_train import tiny_config
+
+    cfg = {"training.max_steps": 4, "training.save_steps": 4}
+    first = train.run(tiny_config(tiny_model_dir, facts_file, workdir / "run", **cfg))
+    record = runs.read_manifest(workdir / "run")
+    runs.write_json_atomic(workdir / "run" / runs.MANIFEST, {**record, "status": "started"})
+    (workdir / "run" / "adapter_model.safetensors").unlink()
+    again = train.run(tiny_config(tiny_model_dir, facts_file, workdir / "run", **cfg, resume=True))
+    assert runs.is_finished(workdir / "run") and again.manifest["metrics"]["global_step"] == 4
+    logged = [row["loss"] for row in map(json.loads, (workdir / "run" / "train_log.jsonl").read_text().splitlines())
+              if "loss" in row]
+    assert again.manifest["metrics"]["train_loss"] == pytest.approx(sum(logged) / len(logged))
+    assert again.manifest["metrics"]["train_loss"] == pytest.approx(first.manifest["metrics"]["train_loss"], rel=1e-5)
+    assert_same_adapter(workdir / "run", workdir / "run" / "checkpoints" / "checkpoint-4")
+
+
+def test_an_unfinished_run_with_no_checkpoint_is_only_offered_a_new_start(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)  # the Trainer makes it at once; killed before the first save
+    runs.write_json_atomic(run_dir / runs.MANIFEST, {"status": "started", "config": {}})
+    with pytest.raises(RunError, match=r"an unfinished run with no complete checkpoint to resume from; pick another "
+                                       r"folder or pass --overwrite$"):
+        runs.check_run_dir(run_dir, resume=False, overwrite=False)
+    with pytest.raises(RunError, match=r"no complete checkpoint in .*; start the run again with --overwrite"):
+        runs.check_run_dir(run_dir, resume=True, overwrite=False)
+
+
+def test_a_runs_folder_that_cannot_take_the_latest_pointer_costs_a_warning_not_the_run(
+        workdir, tiny_model_dir, facts_file, monkeypatch, caplog):
+    from lora_cli import train
+    from test_train import tiny_config
+
+    blocked = workdir / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("LORA_RUNS_DIR", str(blocked))
+    with caplog.at_level("WARNING", logger="lora_cli"):
+        train.run(tiny_config(tiny_model_dir, facts_file, workdir / "run", **{"training.max_steps": 1}))
+    assert runs.is_finished(workdir / "run") and "latest was not pointed at" in caplog.text
+
+    monkeypatch.setenv("LORA_RUNS_DIR", str(workdir / "runs"))
+    (workdir / "runs" / "latest").mkdir(parents=True)  # the user's own folder: refused before any work
+    with pytest.raises(RunError, match="latest is a real folder; move it away"):
+        train.run(tiny_config(tiny_model_dir, facts_file, workdir / "other", **{"training.max_steps": 1}))
+    assert not (workdir / "other").exists()
 
 
 def test_bare_resume_picks_the_newest_unfinished_run_with_a_checkpoint(tmp_path, monkeypatch):
