@@ -100,7 +100,7 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
 class SaveOnInterrupt(TrainerCallback):
     """Ctrl-C (or SIGTERM, which schedulers send before they kill) finishes the current step, saves a
-    resumable checkpoint and stops; a second one aborts. Installed until the run folder is written: a
+    resumable checkpoint and stops; a second Ctrl-C aborts. Installed until the run folder is written: a
     signal while the finished adapter and manifest are written lets them finish first."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -118,7 +118,9 @@ class SaveOnInterrupt(TrainerCallback):
         self._previous = {}
 
     def _handle(self, signum, frame):
-        if self.interrupted:
+        # only a second Ctrl-C aborts: a SIGTERM may come twice (the scheduler to every process, and
+        # torchrun passing its own on), and must still get its checkpoint
+        if self.interrupted and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.interrupted = True
 

@@ -235,8 +235,8 @@ def train(
                        f"lora train --resume --output-dir {result.run_dir}", err=True)
         raise typer.Exit(130)
     if not _is_main_process():
-        return
-    if cfg.push_to_hub:
+        raise typer.Exit(130 if result.signalled else 0)
+    if cfg.push_to_hub and not result.signalled:
         from lora_cli.hub import push
 
         typer.echo(f"Uploaded to {push(result.run_dir, cfg.push_to_hub, run=True)}", err=True)
@@ -244,6 +244,11 @@ def train(
         _print_json(result.manifest)
     else:
         typer.echo(_train_summary(result.run_dir, result.manifest), err=True)
+    if result.signalled:  # asked to stop as the run ended: it is whole; what came after it is not done
+        typer.echo("Stopped by a signal as the run ended; the run is finished and written"
+                   + (f", the upload skipped (upload it with: hf upload {cfg.push_to_hub} {result.run_dir} "
+                      "--exclude 'checkpoints/*')" if cfg.push_to_hub else ""), err=True)
+        raise typer.Exit(130)
 
 
 def _train_summary(run_dir: Path, manifest: dict[str, Any]) -> str:

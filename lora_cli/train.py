@@ -24,6 +24,7 @@ class TrainResult:
     manifest: dict[str, Any]
     interrupted: bool = False
     model: Any = None  # the trained PeftModel, for callers in the same process
+    signalled: bool = False  # a stop was asked in the last step or while the finished run was written
 
 
 def auto_learning_rate(num_params: int) -> float:
@@ -74,8 +75,8 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     quantization = cfg.model.quantization
     # resolved into the config, so the manifest records what ran
     cfg.model.int8_backward = models.resolve_int8_backward(cfg.model.int8_backward, precision, quantization)
-    if is_main:
-        check_memory(cfg, source, precision, longest_step(prepared.train, cfg))
+    # every rank: a refusal on rank 0 alone would leave the others waiting for it
+    check_memory(cfg, source, precision, longest_step(prepared.train, cfg), report=is_main)
     if quantization and precision == "fp16":
         log.warning("fp16 with %s weights often overflows; --precision bf16 is safer where the GPU has it",
                     quantization)
@@ -193,8 +194,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         # 6. Final numbers, then the adapter (whole, then renamed into place) and the manifest last.
         train_loss = result.training_loss if result else None
         if not progress.steps:  # resumed from a checkpoint at the run's end: no step here, the run's logged losses
-            losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-            train_loss = sum(losses) / len(losses) if losses else None
+            train_loss = logged_mean_loss(trainer.state.log_history)
         metrics = {"train_loss": train_loss, "train_runtime_s": round(elapsed, 2),
                    "global_step": trainer.state.global_step,
                    "tokens_seen": int(trainer.state.num_input_tokens_seen),
@@ -212,7 +212,18 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
             _write_finished_run(cfg, run_dir, record, model, tokenizer)
     finally:
         interrupt.uninstall()
-    return TrainResult(run_dir, record, model=model)
+    return TrainResult(run_dir, record, model=model, signalled=interrupt.interrupted)
+
+
+def logged_mean_loss(history: list[dict[str, Any]]) -> float | None:
+    """The mean training loss over the steps a Trainer's log covers: each logged loss is the mean of the
+    steps since the one logged before it, so each counts for that many steps."""
+    total, steps, previous = 0.0, 0, 0
+    for entry in history:
+        if "loss" in entry and entry.get("step", 0) > previous:
+            total += entry["loss"] * (entry["step"] - previous)
+            steps, previous = entry["step"], entry["step"]
+    return total / steps if steps else None
 
 
 def _load_checkpoint(trainer: Any, checkpoint: Path) -> None:
@@ -222,7 +233,11 @@ def _load_checkpoint(trainer: Any, checkpoint: Path) -> None:
     from transformers import TrainerState
 
     set_peft_model_state_dict(trainer.model, load_file(str(checkpoint / "adapter_model.safetensors")))
-    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    # rank 0 wrote the file: every process would take itself for rank 0 (train() resets these itself)
+    state.is_world_process_zero, state.is_local_process_zero = trainer.is_world_process_zero(), \
+        trainer.is_local_process_zero()
+    trainer.state = state
 
 
 def _write_finished_run(cfg: TrainConfig, run_dir: Path, record: dict[str, Any], model: Any, tokenizer: Any) -> None:
@@ -290,7 +305,7 @@ def longest_step(train: Any, cfg: TrainConfig) -> int:
     return sum(lengths[-batch:]) if cfg.data.packing else batch * lengths[-1]
 
 
-def check_memory(cfg: TrainConfig, source: Any, precision: str, tokens: int) -> None:
+def check_memory(cfg: TrainConfig, source: Any, precision: str, tokens: int, report: bool = True) -> None:
     """Print what the run will need, and refuse at once when it clearly cannot fit the GPU (or the RAM) it has.
     `tokens` is the largest step the data makes (`longest_step`)."""
     import torch
@@ -315,8 +330,9 @@ def check_memory(cfg: TrainConfig, source: Any, precision: str, tokens: int) -> 
     if need > 1.5 * have:
         raise LoraError(f"this setup needs about {need / 2**30:.1f} GiB but {where} has {have / 2**30:.1f} GiB; "
                         "lower --batch-size, --max-seq-len or --rank, or add --use-4bit or --gradient-checkpointing")
-    log.info("Estimated peak memory: %.1f GiB (the largest step this data makes, %d tokens; `lora estimate` has "
-             "the breakdown)", need / 2**30, tokens)
+    if report:
+        log.info("Estimated peak memory: %.1f GiB (the largest step this data makes, %d tokens; `lora estimate` "
+                 "has the breakdown)", need / 2**30, tokens)
 
 
 def _check_reporter(report_to: str) -> None:

@@ -117,7 +117,7 @@ BAD_INPUTS = [
     (["train", "--data", "facts.jsonl", "--model", "MODEL", "--epochs", "inf"], 2,
      "--epochs must be a finite number, got inf"),
     (["train", "--data", "facts.jsonl", "--model", "MODEL", "--rank", "1000000000", "--target-modules", "q_proj"], 1,
-     "GiB but this machine has"),
+     "GiB; lower --batch-size, --max-seq-len or --rank"),
     (["train", "--data", "facts.jsonl", "--model", "MODEL", "--seed", "99999999999"], 2,
      "--seed must be an integer from 0 to 2**32 - 1"),
     (["generate", "--prompt", "hi", "--precision", "fp8"], 2, "--precision must be one of auto, bf16, fp16, fp32"),
@@ -564,7 +564,7 @@ def test_a_run_trained_again_from_its_manifest_gives_the_same_adapter(workdir, t
     assert recorded[1] == {**recorded[0], "output_dir": str(workdir / "again")}
 
 
-def test_flags_turn_off_what_a_recipe_turns_on(workdir, tiny_model_dir, facts_file):
+def test_the_off_flags_parse_and_no_overwrite_beats_a_recipes_overwrite(workdir, tiny_model_dir, facts_file):
     assert runner.invoke(app, tiny_train_args(tiny_model_dir, facts_file, workdir / "run", "--max-steps", "1")).exit_code == 0
     recipe = workdir / "r.yaml"
     recipe.write_text("overwrite: true\nmodel:\n  trust_remote_code: true\n  allow_pickle_weights: true\n")

@@ -159,3 +159,12 @@ def test_a_runs_manifest_is_a_recipe_less_where_and_how_that_run_was_started(tmp
     cfg = build_config(manifest, {"training.seed": 7})
     assert (cfg.lora.r, cfg.training.learning_rate, cfg.training.seed) == (4, 5e-3, 7)
     assert (cfg.output_dir, cfg.model.int8_backward, cfg.overwrite) == (None, None, False)
+
+
+def test_flags_turn_off_the_switches_a_recipe_turns_on(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("overwrite: true\nmodel:\n  trust_remote_code: true\n  allow_pickle_weights: true\n")
+    assert build_config(recipe).model.trust_remote_code
+    cfg = build_config(recipe, {"overwrite": False, "model.trust_remote_code": False,
+                                "model.allow_pickle_weights": False})
+    assert (cfg.overwrite, cfg.model.trust_remote_code, cfg.model.allow_pickle_weights) == (False, False, False)

@@ -190,6 +190,16 @@ def test_a_resume_from_a_checkpoint_at_the_runs_end_reports_the_runs_loss(workdi
     assert_same_adapter(workdir / "run", workdir / "run" / "checkpoints" / "checkpoint-4")
 
 
+def test_the_mean_loss_of_a_log_counts_each_logged_loss_for_the_steps_it_covers():
+    from lora_cli.train import logged_mean_loss
+
+    # logging every 5 steps: step 1 alone, then steps 2-5, 6-10; evaluations carry no training loss
+    history = [{"step": 1, "loss": 4.0}, {"step": 5, "loss": 2.0}, {"step": 5, "eval_loss": 9.0},
+               {"step": 10, "loss": 1.0}]
+    assert logged_mean_loss(history) == pytest.approx((4.0 * 1 + 2.0 * 4 + 1.0 * 5) / 10)
+    assert logged_mean_loss([{"step": 3, "eval_loss": 1.0}]) is None
+
+
 def test_an_unfinished_run_with_no_checkpoint_is_only_offered_a_new_start(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)  # the Trainer makes it at once; killed before the first save
@@ -343,4 +353,5 @@ def test_ctrl_c_in_the_last_step_finishes_the_run(workdir, tiny_model_dir, facts
                               "model.precision": "fp32", "training.save_steps": 100})
     result = training.run(cfg, extra_callbacks=[CtrlCInLastStep()])
     assert not result.interrupted and runs.is_finished(workdir / "run")
+    assert result.signalled  # the command then skips an upload and exits 130
     assert result.manifest["metrics"]["global_step"] == 4
