@@ -260,7 +260,7 @@ def _train_summary(run_dir: Path, manifest: dict[str, Any]) -> str:
         f"{m['tokens_per_second']:.0f} tokens/s{started}.",
         f"  trainable parameters  {m['trainable_params']:,} of {m['total_params']:,} "
         f"({100 * m['trainable_params'] / m['total_params']:.2f}%)",
-        f"  final train loss      {m['train_loss']:.4f}",
+        f"  mean train loss       {m['train_loss']:.4f}",
     ]
     if "eval_loss" in m:
         lines.append(f"  eval loss             {m['eval_loss']:.4f} (perplexity {m['eval_perplexity']:.2f})")
@@ -395,6 +395,8 @@ def eval_command(
                                                         "(default: a sample shipped with lora)")] = None,
     no_general: Annotated[bool, typer.Option("--no-general", help="Skip the forgetting check.")] = False,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N rows.")] = None,
+    max_seq_len: Annotated[Optional[int], typer.Option(min=1, help="Cut rows at N tokens. (default: the run's "
+                                                                   "--max-seq-len, as training scored them)")] = None,
     data_format: Annotated[str, typer.Option("--format", help="instruction, chat, sharegpt, completion, text "
                                                              "(default: detected from the columns).")] = "auto",
     tasks: Annotated[Optional[str], typer.Option(help="lm-evaluation-harness tasks (comma list), run on base and "
@@ -424,7 +426,7 @@ def eval_command(
         return
     _lean_start_for(adapter, model)
     report = evaluate.evaluate(adapter, model, data, None if no_general else (general or "default"), limit,
-                               precision=precision, data_format=data_format)
+                               max_seq_len=max_seq_len, precision=precision, data_format=data_format)
     if as_json:
         _print_json(report)
     else:

@@ -166,9 +166,11 @@ def read_rows(spec: str | None, split: str = "train", flag: str = "--data") -> t
         files = _files_of(path, split, flag)
         per_file = [_read_file(f) for f in files]
         rows = [row for found in per_file for row in found]
+        # one file: the sha256 of its bytes, which `sha256sum` shows; a folder's: its files' names and bytes
         digest = hashlib.sha256()
         for f in files:
-            digest.update(f.name.encode())
+            if len(files) > 1:
+                digest.update(f.name.encode())
             digest.update(f.read_bytes())
         identity = {"source": str(spec or "embedded:" + path.name), "files": [str(f) for f in files],
                     "sha256": digest.hexdigest()}
@@ -680,6 +682,10 @@ def prepare(data_cfg: Any, tokenizer: Any, seed: int) -> PreparedData:
         if eval_rows is not None:
             eval_examples, _ = tokenize_rows(eval_rows, eval_format, renderer, data_cfg.max_seq_len, False,
                                              eval_source, identity["eval"])
+        elif _scored_split(data_cfg):
+            # the rows --eval-split holds out are scored as every evaluation is, on responses: the same rows
+            # again, labelled without --train-on-inputs (the same rows survive: the drop rule is the same)
+            eval_examples, _ = tokenize_rows(rows, fmt, renderer, data_cfg.max_seq_len, False, source, identity)
         train_ds = datasets.Dataset.from_list(train)
         eval_ds = datasets.Dataset.from_list(eval_examples) if eval_examples else None
         _write_cache(key, train_ds, eval_ds, dropped)
@@ -688,9 +694,16 @@ def prepare(data_cfg: Any, tokenizer: Any, seed: int) -> PreparedData:
                     dropped, len(rows), data_cfg.max_seq_len)
     if data_cfg.eval_split and not eval_spec:
         _check_split(len(train_ds), data_cfg.eval_split)
-        split = train_ds.train_test_split(test_size=data_cfg.eval_split, seed=seed)
-        train_ds, eval_ds = split["train"], split["test"]
+        scored = eval_ds if _scored_split(data_cfg) else train_ds
+        # a split is a seeded permutation of the row count: the same rows on both sides of the same length
+        train_ds = train_ds.train_test_split(test_size=data_cfg.eval_split, seed=seed)["train"]
+        eval_ds = scored.train_test_split(test_size=data_cfg.eval_split, seed=seed)["test"]
     return PreparedData(train_ds, eval_ds, fmt, renderer.template, identity, dropped)
+
+
+def _scored_split(data_cfg: Any) -> bool:
+    """An --eval-split of a --train-on-inputs run: its held-out rows need labels of their own."""
+    return bool(data_cfg.eval_split and data_cfg.train_on_inputs and not data_cfg.eval_data)
 
 
 def _check_split(rows: int, share: float) -> None:
@@ -726,7 +739,7 @@ def _fingerprint(identity: dict[str, Any], fmt: str, renderer: Renderer, data_cf
              "format": fmt, "format_option": data_cfg.format, "template": renderer.template,
              "chat_template": getattr(tokenizer, "chat_template", None), "special": str(tokenizer.special_tokens_map),
              "vocabulary": hashlib.sha256(vocabulary.encode()).hexdigest(), "max_seq_len": data_cfg.max_seq_len,
-             "train_on_inputs": data_cfg.train_on_inputs}
+             "train_on_inputs": data_cfg.train_on_inputs, "scored_split": _scored_split(data_cfg)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -125,15 +125,24 @@ def _side(loss: float, em: float | None) -> dict[str, float]:
 
 
 def evaluate(adapter: str | None = None, model: str | None = None, data: str | None = None,
-             general: str | None = "default", limit: int | None = None, max_seq_len: int = 1024,
+             general: str | None = "default", limit: int | None = None, max_seq_len: int | None = None,
              precision: str = "auto", data_format: str = "auto") -> dict[str, Any]:
-    """Base and adapted side by side on `data` (default: the embedded held-out split)."""
-    from lora_cli import adapters, runs
+    """Base and adapted side by side on `data` (default: the embedded held-out split). `max_seq_len`:
+    where rows are cut, by default the run's own --max-seq-len (the tokens training scored), else 1024."""
+    from lora_cli import adapters, models, runs
     from lora_cli.data import ASSETS, check_rows, default_data_path, detect_format, read_rows
 
+    merged_from = adapters._merged_adapter(models.resolve_model(model, None)) if model and Path(model).is_dir() else None
+    if merged_from and (not adapter or runs.find_run(adapter).resolve() == merged_from):
+        # a merged folder is the adapted model already; its base and adapter are what eval compares
+        raise ConfigError(f"--model {model} is {merged_from} merged into its base: `lora eval --adapter "
+                          f"{merged_from}` compares that base with the adapter, which the merged model equals")
     if model and not adapter:
         raise DataError("lora eval compares base and adapted: name an adapter with --adapter (or train one first)")
-    runs.find_run(adapter)  # no adapter fails first; the data is checked before anything loads
+    run_dir = runs.find_run(adapter)  # no adapter fails first; the data is checked before anything loads
+    if max_seq_len is None:
+        recorded = (runs.read_manifest(run_dir) or {}).get("config", {})
+        max_seq_len = (recorded.get("data") or {}).get("max_seq_len") or 1024
     spec = data or str(default_data_path("heldout"))
     rows, identity = read_rows(spec, split="eval")
     rows = rows[:limit] if limit else rows

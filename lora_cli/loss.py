@@ -153,6 +153,25 @@ class LoraTrainer(Trainer):
         replicated = self.args.n_gpu > 1
         self.chunked_loss = chunked_loss and not sharded and not replicated and supports_chunked_loss(self.model)
         self._loss_only_prediction = False
+        self._eval_totals: list[Any] | None = None  # [loss sum, trained tokens] over an evaluation
+
+    def evaluation_loop(self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> Any:
+        # The Trainer averages each batch's mean loss over the batches' rows, which weighs a token by how
+        # many share its batch and moves the figure with --batch-size. The eval loss is the mean over every
+        # scored token of the set, as `lora eval` reports it: summed here, batch by batch.
+        self._eval_totals = [0.0, 0]
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            loss_sum, tokens = self._eval_totals
+        finally:
+            self._eval_totals = None
+        if tokens:
+            totals = self.accelerator.reduce(torch.tensor([float(loss_sum), float(tokens)], dtype=torch.float64,
+                                                          device=self.args.device), "sum")
+            output.metrics[f"{metric_key_prefix}_loss"] = (totals[0] / totals[1]).item()
+        return output
 
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> Any:
@@ -173,6 +192,9 @@ class LoraTrainer(Trainer):
         base = self.accelerator.unwrap_model(model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
         loss, trained = trained_positions_loss(model, base.get_output_embeddings(), inputs, labels)
+        if loss_only_eval and self._eval_totals is not None:
+            self._eval_totals[0] += loss.detach().double()
+            self._eval_totals[1] += trained
         if num_items_in_batch is None or not self.model_accepts_loss_kwargs:  # a mean; the Trainer scales it for GA
             loss = loss / trained.clamp(min=1)
         else:

@@ -60,7 +60,8 @@ def describe(run_dir: Path, manifest: dict[str, Any] | None) -> str:
             f"base model  {base['name']} ({base.get('hub_id') or base['path']}), {base['parameters']:,} parameters, "
             f"{base['precision']}{quant}",
             f"adapter     r={adapter['r']} alpha={adapter['lora_alpha']} on {', '.join(sorted(adapter['target_modules']))}"
-            f"{' (DoRA)' if adapter.get('use_dora') else ''}, {m['trainable_params']:,} trainable, {size / 1e6:.1f} MB",
+            f"{' (DoRA)' if adapter.get('use_dora') else ''}{' (rsLoRA scale alpha/sqrt(r))' if adapter.get('use_rslora') else ''}"
+            f", {m['trainable_params']:,} trainable, {_size(size)}",
             f"data        {data['source']}: {data['train_examples']} examples ({data['format']}, "
             f"{describe_rendering(data['format'], data['template'])}), sha256 {str(data.get('sha256') or data.get('fingerprint'))[:12]}",
             f"training    {m['global_step']} steps, lr {cfg['training']['learning_rate']}, "
@@ -70,6 +71,11 @@ def describe(run_dir: Path, manifest: dict[str, Any] | None) -> str:
         ]
     else:
         lines += [f"base model  {adapter.get('base_model_name_or_path')}",
-                  f"adapter     r={adapter['r']} alpha={adapter['lora_alpha']}, {size / 1e6:.1f} MB (a PEFT adapter "
+                  f"adapter     r={adapter['r']} alpha={adapter['lora_alpha']}, {_size(size)} (a PEFT adapter "
                   "without a lora manifest)"]
     return "\n".join(lines)
+
+
+def _size(size: int) -> str:
+    """Bytes as MB, or KB below a tenth of a MB (a tiny adapter is not "0.0 MB")."""
+    return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.0f} KB"

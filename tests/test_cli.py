@@ -572,3 +572,34 @@ def test_the_off_flags_parse_and_no_overwrite_beats_a_recipes_overwrite(workdir,
                                  "--config", str(recipe), "--no-overwrite", "--no-trust-remote-code",
                                  "--no-allow-pickle-weights"])
     assert result.exit_code == 2 and "already holds a finished run" in result.output, result.output
+
+
+def test_the_eval_loss_training_records_is_the_per_token_mean_lora_eval_reports(workdir, tiny_model_dir, facts_file):
+    """The Trainer averages batch means by rows, which weighs a token by how many share its batch; the
+    recorded figure is the mean over every scored token, whatever --batch-size, as `lora eval` computes it."""
+    held_out = workdir / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"instruction": "Say it " + "again " * (i % 5 * 6), "output": "ok " * (1 + i % 7)})
+                                + "\n" for i in range(11)))
+    recorded = []
+    for batch in ("4", "8"):
+        result = invoke(*tiny_train_args(tiny_model_dir, facts_file, workdir / f"b{batch}", "--max-steps", "2",
+                                         "--eval-data", str(held_out), "--eval-steps", "2", "--batch-size", batch,
+                                         "--max-seq-len", "64", "--lr", "1e-9"))
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((workdir / f"b{batch}" / "lora_run.json").read_text())
+        recorded.append(manifest["metrics"]["eval_loss"])
+    report = json.loads(invoke("eval", "--adapter", str(workdir / "b8"), "--data", str(held_out), "--json",
+                               "--no-general").stdout)
+    # cut at the run's --max-seq-len 64, as training scored them (at 1024 all 11 rows would be scored)
+    assert report["rows"] == manifest["data"]["eval_examples"] and report["left_out_rows"] > 0
+    assert recorded[0] == pytest.approx(recorded[1], rel=1e-6)  # a learning rate of 1e-9 leaves the adapter as drawn
+    assert recorded[1] == pytest.approx(report["adapted"]["loss"], rel=1e-5)
+
+
+def test_eval_of_a_merged_folder_names_the_command_that_compares_it(workdir, tiny_model_dir, facts_file):
+    assert invoke(*tiny_train_args(tiny_model_dir, facts_file, workdir / "run", "--max-steps", "2")).exit_code == 0
+    assert invoke("merge", str(workdir / "run")).exit_code == 0
+    for extra in ([], ["--adapter", str(workdir / "run")]):
+        result = invoke("eval", "--model", str(workdir / "run" / "merged"), *extra, "--no-general")
+        assert result.exit_code == 2, result.output
+        assert f"`lora eval --adapter {(workdir / 'run').resolve()}` compares that base with the adapter" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -135,6 +136,8 @@ def test_jsonl_csv_parquet_and_folders_are_read(tmp_path):
     assert [r["text"] for r in rows] == ["one", "two", "three", "four"]
     assert len(identity["sha256"]) == 64
     assert read_rows(str(tmp_path / "e.json"))[0] == [{"text": "five"}]
+    # one file's sha256 is its bytes', as `sha256sum` shows it
+    assert read_rows(str(tmp_path / "e.json"))[1]["sha256"] == hashlib.sha256((tmp_path / "e.json").read_bytes()).hexdigest()
 
 
 def test_bad_jsonl_line_is_named(tmp_path):
@@ -208,14 +211,14 @@ def test_a_second_run_on_the_same_data_reads_the_tokens_from_the_cache(tokenizer
     fake = [{"input_ids": [5, 6], "labels": [5, 6]}] * 8
     monkeypatch.setattr(data, "tokenize_rows", lambda *a, **k: calls.append(1) or (fake, 0))
     _prepare(rows, tokenizer, max_seq_len=64, eval_split=0.25)
-    _prepare(rows, tokenizer, train_on_inputs=True, eval_split=0.25)
+    _prepare(rows, tokenizer, train_on_inputs=True, eval_split=0.25)  # twice: its held-out rows are scored apart
     rows.write_text(rows.read_text().replace("Answer 3.", "Answer three."))
     _prepare(rows, tokenizer, eval_split=0.25)
-    assert len(calls) == 3
+    assert len(calls) == 4
     # and so does a new version of the code that renders and tokenizes (no version number to bump by hand)
     monkeypatch.setattr(data, "_code_version", lambda: "a later lora")
     _prepare(rows, tokenizer, eval_split=0.25)
-    assert len(calls) == 4
+    assert len(calls) == 5
 
 
 def test_the_code_version_covers_the_alpaca_template(tmp_path, monkeypatch):
@@ -542,3 +545,20 @@ def test_tool_calls_reach_the_template_as_it_expects_them(tokenizer):
         renderer.render(two_calls, "chat", "row 7")
     with pytest.raises(DataError, match=r"^row 7: tool turns \(tool\) need a chat template"):
         Renderer(tok, "alpaca").render(row, "chat", "row 7")
+
+
+def test_rows_held_out_of_a_train_on_inputs_run_are_scored_on_their_responses(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path / "cache"))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"instruction": f"Question {i}?", "output": f"Answer {i}."}) + "\n"
+                            for i in range(12)))
+    prepared = _prepare(rows, tokenizer, train_on_inputs=True, eval_split=0.25)
+    plain = _prepare(rows, tokenizer, eval_split=0.25)
+    assert all(row["labels"] == row["input_ids"] for row in prepared.train)  # trained on every token
+    # held out: the same rows as without --train-on-inputs, scored on the response and its EOS only, as
+    # --eval-data rows and `lora eval` score them
+    assert prepared.eval.to_list() == plain.eval.to_list()
+    assert [trained_text(row, tokenizer) for row in prepared.eval] == [
+        text.split("assistant\n")[1].split("\n")[0] for text in map(tokenizer.decode, prepared.eval["input_ids"])]
+    held_out = {tuple(row["input_ids"]) for row in prepared.eval}
+    assert not held_out & {tuple(row["input_ids"]) for row in prepared.train}
