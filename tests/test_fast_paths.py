@@ -135,8 +135,8 @@ def test_chunked_loss_in_bf16_is_the_models_own_bf16_loss(tiny_model_dir, tmp_pa
         assert (grads[name] - grad).norm() / grad.norm() < 0.012, name
 
 
-def test_a_loss_only_evaluation_uses_the_chunked_loss_and_gets_the_trainers_own_value(tiny_model_dir, tmp_path,
-                                                                                      monkeypatch):
+def test_a_loss_only_evaluation_uses_the_chunked_loss_and_gets_the_per_token_mean(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):
     from datasets import Dataset
     from transformers import TrainingArguments
 
@@ -156,8 +156,16 @@ def test_a_loss_only_evaluation_uses_the_chunked_loss_and_gets_the_trainers_own_
                                  per_device_eval_batch_size=3, prediction_loss_only=True, remove_unused_columns=False)
         trainer = loss.LoraTrainer(model=model, args=args, chunked_loss=chunked, eval_dataset=Dataset.from_list(rows),
                                    data_collator=data.make_collator(None, packing=True))
-        values.append(trainer.evaluate()["eval_loss"])
+        if chunked:
+            values.append(trainer.evaluate()["eval_loss"])
+        else:  # the model's own loss, batch by batch, summed over the tokens it scores
+            batches = [(trainer.prediction_step(trainer.model, trainer._prepare_inputs(batch), True)[0].item(),
+                        int((batch["labels"][:, 1:] != IGNORE).sum())) for batch in trainer.get_eval_dataloader()]
+            values.append(sum(mean * n for mean, n in batches) / sum(n for _, n in batches))
+            # what the Trainer itself reports: each batch's mean, averaged over rows
+            assert trainer.evaluate()["eval_loss"] != pytest.approx(values[0], rel=1e-5)
         assert len(calls) == (3 if chunked else 0)  # 7 rows, 3 a batch
+    # the chunked evaluation reports the mean over every scored token of the set, as `lora eval` does
     assert values[1] == pytest.approx(values[0], rel=1e-5)
 
 
