@@ -106,7 +106,8 @@ class SaveOnInterrupt(TrainerCallback):
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.interrupted = False
+        self.signalled = False  # a signal reached this process (set by the handler, at any moment)
+        self.interrupted = False  # training stopped for one (under several processes, all agreed to)
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -120,22 +121,25 @@ class SaveOnInterrupt(TrainerCallback):
     def _handle(self, signum, frame):
         # only a second Ctrl-C aborts: a SIGTERM may come twice (the scheduler to every process, and
         # torchrun passing its own on), and must still get its checkpoint
-        if self.interrupted and signum == signal.SIGINT:
+        if self.signalled and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.interrupted = True
+        self.signalled = True
 
     def on_step_end(self, args, state, control, **kwargs):
+        stop = self.signalled
         if args.world_size > 1:
             # Every process stops at the same step, or the ones still training wait forever in the next
             # step's collectives for the ones saving: a signal that reached only some ranks (a kill to one
-            # pid) or reached them a step apart is shared here.
+            # pid) or reached them a step apart is shared here. The handler's flag is only read: a signal
+            # landing during the exchange counts at the next step instead of being overwritten.
             import torch
             import torch.distributed as dist
 
-            flag = torch.tensor([int(self.interrupted)], device=args.device)
+            flag = torch.tensor([int(stop)], device=args.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.interrupted = bool(flag.item())
-        if self.interrupted:
+            stop = bool(flag.item())
+        if stop:
+            self.interrupted = True
             control.should_save = True
             control.should_training_stop = True
 

@@ -212,7 +212,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
             _write_finished_run(cfg, run_dir, record, model, tokenizer)
     finally:
         interrupt.uninstall()
-    return TrainResult(run_dir, record, model=model, signalled=interrupt.interrupted)
+    return TrainResult(run_dir, record, model=model, signalled=interrupt.signalled)
 
 
 def logged_mean_loss(history: list[dict[str, Any]]) -> float | None:
