@@ -127,7 +127,7 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, *, 
     adapter_dir, manifest, trained = plan.adapter_dir, plan.manifest, plan.trained
     revision = trained.get("revision")
     source = models.resolve_model(plan.base_name, revision)
-    if adapter_dir and _merged_adapter(source) == adapter_dir.resolve():
+    if adapter_dir and merged_adapter(source) == adapter_dir.resolve():
         raise ConfigError(f"--model {source.name} already holds the adapter {adapter_dir} (lora merge folded it in); "
                           "drop --adapter to use it as it is, or give the base model with --model")
     if quantization == "as-trained":
@@ -171,7 +171,7 @@ def merged_from(source: Any) -> dict[str, Any]:
     return _merge_record(source).get("trained_on") or {}
 
 
-def _merged_adapter(source: Any) -> Path | None:
+def merged_adapter(source: Any) -> Path | None:
     """The adapter folder a merged model folder was made from, if it is one (as an absolute path: a
     relative one would be read against whatever folder the command runs in)."""
     adapter = _merge_record(source).get("adapter_path")

@@ -132,14 +132,15 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
     from lora_cli import adapters, models, runs
     from lora_cli.data import ASSETS, check_rows, default_data_path, detect_format, read_rows
 
-    merged_from = adapters._merged_adapter(models.resolve_model(model, None)) if model and Path(model).is_dir() else None
-    if merged_from and (not adapter or runs.find_run(adapter).resolve() == merged_from):
-        # a merged folder is the adapted model already; its base and adapter are what eval compares
+    # a merged folder is the adapted model already; its base and adapter are what eval compares
+    merged_from = adapters.merged_adapter(models.resolve_model(model, None)) if model and Path(model).is_dir() else None
+    # no adapter fails first; the data is checked before anything loads
+    run_dir = runs.find_run(adapter) if adapter or not model else None
+    if merged_from and (run_dir is None or run_dir.resolve() == merged_from):
         raise ConfigError(f"--model {model} is {merged_from} merged into its base: `lora eval --adapter "
                           f"{merged_from}` compares that base with the adapter, which the merged model equals")
-    if model and not adapter:
+    if run_dir is None:
         raise DataError("lora eval compares base and adapted: name an adapter with --adapter (or train one first)")
-    run_dir = runs.find_run(adapter)  # no adapter fails first; the data is checked before anything loads
     if max_seq_len is None:
         recorded = (runs.read_manifest(run_dir) or {}).get("config", {})
         max_seq_len = (recorded.get("data") or {}).get("max_seq_len") or 1024

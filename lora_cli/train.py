@@ -76,7 +76,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     # resolved into the config, so the manifest records what ran
     cfg.model.int8_backward = models.resolve_int8_backward(cfg.model.int8_backward, precision, quantization)
     # every rank: a refusal on rank 0 alone would leave the others waiting for it
-    check_memory(cfg, source, precision, longest_step(prepared.train, cfg), report=is_main)
+    check_memory(cfg, source, precision, longest_step(prepared.train, cfg), announce=is_main)
     if quantization and precision == "fp16":
         log.warning("fp16 with %s weights often overflows; --precision bf16 is safer where the GPU has it",
                     quantization)
@@ -305,9 +305,9 @@ def longest_step(train: Any, cfg: TrainConfig) -> int:
     return sum(lengths[-batch:]) if cfg.data.packing else batch * lengths[-1]
 
 
-def check_memory(cfg: TrainConfig, source: Any, precision: str, tokens: int, report: bool = True) -> None:
-    """Print what the run will need, and refuse at once when it clearly cannot fit the GPU (or the RAM) it has.
-    `tokens` is the largest step the data makes (`longest_step`)."""
+def check_memory(cfg: TrainConfig, source: Any, precision: str, tokens: int, announce: bool = True) -> None:
+    """Print what the run will need (where `announce`: rank 0), and refuse at once when it clearly cannot fit
+    the GPU (or the RAM) it has. `tokens` is the largest step the data makes (`longest_step`)."""
     import torch
 
     from lora_cli import estimate
@@ -330,7 +330,7 @@ def check_memory(cfg: TrainConfig, source: Any, precision: str, tokens: int, rep
     if need > 1.5 * have:
         raise LoraError(f"this setup needs about {need / 2**30:.1f} GiB but {where} has {have / 2**30:.1f} GiB; "
                         "lower --batch-size, --max-seq-len or --rank, or add --use-4bit or --gradient-checkpointing")
-    if report:
+    if announce:
         log.info("Estimated peak memory: %.1f GiB (the largest step this data makes, %d tokens; `lora estimate` "
                  "has the breakdown)", need / 2**30, tokens)
 

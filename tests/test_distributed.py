@@ -41,6 +41,7 @@ def test_two_cpu_processes_train_one_adapter_equal_to_one_process(tiny_model_dir
                   "--standalone", "-m", "lora_cli"],
                  [*tiny_train_args(tiny_model_dir, facts_file, tmp_path / "two", *common), "--batch-size", "2"], env, tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("Estimated peak memory") == 1  # every rank checks the memory, rank 0 says it
     one = _train([sys.executable, "-m", "lora_cli"],
                  [*tiny_train_args(tiny_model_dir, facts_file, tmp_path / "one", *common), "--batch-size", "4"],
                  env, tmp_path)
