@@ -16,13 +16,13 @@ from transformers.trainer_callback import ProgressCallback, TrainerCallback
 class LoraProgress(ProgressCallback):
     """The Trainer's progress bar, showing loss and real tokens per second instead of printing dicts.
 
-    Tokens per second count training time only: evaluations, which see no training token, are left out."""
+    Tokens per second count training time only: evaluations, which see no training token, are left out
+    (LoraTrainer times them, and its log's train_tokens_per_second leaves them out as well)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.start_time: float | None = None
         self.start_tokens = 0
-        self.eval_seconds = 0.0
         self.first_step_after: float | None = None  # seconds from the command to this process's first step
         self.steps = 0  # optimizer steps taken by this process (a resume from the last checkpoint takes none)
 
@@ -38,20 +38,16 @@ class LoraProgress(ProgressCallback):
         super().on_step_end(args, state, control, **kwargs)
         self.steps += 1
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        super().on_evaluate(args, state, control, metrics=metrics, **kwargs)
-        self.eval_seconds += float((metrics or {}).get("eval_runtime", 0.0))
-
-    def tokens_per_second(self, state: Any) -> float:
-        elapsed = time.perf_counter() - (self.start_time or time.perf_counter()) - self.eval_seconds
+    def tokens_per_second(self, state: Any, eval_seconds: float) -> float:
+        elapsed = time.perf_counter() - (self.start_time or time.perf_counter()) - eval_seconds
         return (state.num_input_tokens_seen - self.start_tokens) / elapsed if elapsed > 0 else 0.0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not (state.is_world_process_zero and self.training_bar is not None and logs):
             return
         if "loss" in logs:
-            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{self.tokens_per_second(state):.0f}",
-                                          refresh=False)
+            rate = logs.get("train_tokens_per_second", 0.0)
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{rate:.0f}", refresh=False)
         if "eval_loss" in logs:
             # tqdm.write goes to stdout by default; stdout is kept for results (--json)
             self.training_bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}", file=sys.stderr)

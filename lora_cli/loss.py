@@ -13,6 +13,7 @@ is thrown away. The result equals transformers' `ForCausalLMLoss`, including the
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -154,6 +155,21 @@ class LoraTrainer(Trainer):
         self.chunked_loss = chunked_loss and not sharded and not replicated and supports_chunked_loss(self.model)
         self._loss_only_prediction = False
         self._eval_totals: list[Any] | None = None  # [loss sum, trained tokens] over an evaluation
+        self.eval_seconds = 0.0  # wall time spent in evaluate() during this process's training
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.time()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.eval_seconds += time.time() - started
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # The Trainer's running train_runtime and train_tokens_per_second count evaluations as training
+        # time. lora's own figures (progress bar, manifest) leave them out, and so does the log: one rate.
+        if start_time is not None:
+            start_time += self.eval_seconds
+        super().log(logs, start_time)
 
     def evaluation_loop(self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
                         ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> Any:

@@ -198,8 +198,8 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         metrics = {"train_loss": train_loss, "train_runtime_s": round(elapsed, 2),
                    "global_step": trainer.state.global_step,
                    "tokens_seen": int(trainer.state.num_input_tokens_seen),
-                   "tokens_per_second": round(progress.tokens_per_second(trainer.state), 1),
-                   "eval_seconds": round(progress.eval_seconds, 2),  # inside train_runtime_s, outside tokens_per_second
+                   "tokens_per_second": round(progress.tokens_per_second(trainer.state, trainer.eval_seconds), 1),
+                   "eval_seconds": round(trainer.eval_seconds, 2),  # inside train_runtime_s, outside tokens_per_second
                    # imports, model and data loading: from the command to this process's first step
                    "seconds_to_first_step": None if progress.first_step_after is None
                    else round(progress.first_step_after, 2),
