@@ -577,8 +577,17 @@ class Renderer:
 
 def tokenize(rendered: Rendered, tokenizer: Any, max_seq_len: int, train_on_inputs: bool) -> dict[str, list[int]]:
     """Token ids and labels; a token is trained when its first character lies in a trained range."""
+    return _labelled(rendered, tokenizer, _encode(rendered, tokenizer), max_seq_len, train_on_inputs)
+
+
+def _encode(rendered: Rendered, tokenizer: Any) -> tuple[list[int], list[tuple[int, int]]]:
     enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    return enc["input_ids"], enc["offset_mapping"]
+
+
+def _labelled(rendered: Rendered, tokenizer: Any, encoded: tuple[list[int], list[tuple[int, int]]],
+              max_seq_len: int, train_on_inputs: bool) -> dict[str, list[int]]:
+    ids, offsets = encoded
     if not train_on_inputs:
         ids, offsets = _split_at_answer_starts(rendered, tokenizer, ids, offsets)
     ids = ids[:max_seq_len]
@@ -632,19 +641,27 @@ class PreparedData:
 
 
 def tokenize_rows(rows: list[dict[str, Any]], fmt: str, renderer: Renderer, max_seq_len: int,
-                  train_on_inputs: bool, source: str, identity: dict[str, Any] | None = None
-                  ) -> tuple[list[dict[str, list[int]]], int]:
+                  train_on_inputs: bool, source: str, identity: dict[str, Any] | None = None,
+                  scored: list[dict[str, list[int]]] | None = None) -> tuple[list[dict[str, list[int]]], int]:
+    """The rows that have something to learn, tokenized and labelled, and how many were dropped.
+
+    `scored`, when given, receives each kept row labelled on its responses only (how evaluations
+    score), in the same order: rendered and encoded once for both."""
     examples, dropped = [], 0
     for number, row in enumerate(rows, start=1):
         if is_blank(row, fmt):
             dropped += 1
             continue
-        example = tokenize(renderer.render(row, fmt, row_name(source, number, identity)), renderer.tokenizer,
-                           max_seq_len, train_on_inputs)
+        rendered = renderer.render(row, fmt, row_name(source, number, identity))
+        encoded = _encode(rendered, renderer.tokenizer)
+        example = _labelled(rendered, renderer.tokenizer, encoded, max_seq_len, train_on_inputs)
         if all(label == IGNORE_INDEX for label in example["labels"][1:]):
             dropped += 1  # nothing left to learn: the response was cut off by --max-seq-len
             continue
         examples.append(example)
+        if scored is not None:
+            scored.append(example if not train_on_inputs else
+                          _labelled(rendered, renderer.tokenizer, encoded, max_seq_len, False))
     return examples, dropped
 
 
@@ -673,8 +690,11 @@ def prepare(data_cfg: Any, tokenizer: Any, seed: int) -> PreparedData:
         train_ds, eval_ds, dropped = cached
         log.debug("tokenized data from the cache (%s)", key[:12])
     else:
+        # the rows --eval-split holds out of a --train-on-inputs run are scored as every evaluation is, on
+        # their responses: each row is labelled that way too, in the same pass, and split alike below
+        scored: list[dict[str, list[int]]] | None = [] if _scored_split(data_cfg) else None
         train, dropped = tokenize_rows(rows, fmt, renderer, data_cfg.max_seq_len, data_cfg.train_on_inputs, source,
-                                       identity)
+                                       identity, scored)
         if not train:
             raise DataError(f"no training row has a response token within --max-seq-len {data_cfg.max_seq_len} "
                             "(blank responses are left out); raise --max-seq-len or shorten the prompts")
@@ -682,10 +702,8 @@ def prepare(data_cfg: Any, tokenizer: Any, seed: int) -> PreparedData:
         if eval_rows is not None:
             eval_examples, _ = tokenize_rows(eval_rows, eval_format, renderer, data_cfg.max_seq_len, False,
                                              eval_source, identity["eval"])
-        elif _scored_split(data_cfg):
-            # the rows --eval-split holds out are scored as every evaluation is, on responses: the same rows
-            # again, labelled without --train-on-inputs (the same rows survive: the drop rule is the same)
-            eval_examples, _ = tokenize_rows(rows, fmt, renderer, data_cfg.max_seq_len, False, source, identity)
+        elif scored is not None:
+            eval_examples = scored
         train_ds = datasets.Dataset.from_list(train)
         eval_ds = datasets.Dataset.from_list(eval_examples) if eval_examples else None
         _write_cache(key, train_ds, eval_ds, dropped)

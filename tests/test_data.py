@@ -209,16 +209,23 @@ def test_a_second_run_on_the_same_data_reads_the_tokens_from_the_cache(tokenizer
     # anything that changes a token or a label misses the cache
     calls = []
     fake = [{"input_ids": [5, 6], "labels": [5, 6]}] * 8
-    monkeypatch.setattr(data, "tokenize_rows", lambda *a, **k: calls.append(1) or (fake, 0))
+
+    def fake_tokenize(*args):
+        calls.append(1)
+        if len(args) > 7 and args[7] is not None:  # the held-out labels of a --train-on-inputs split
+            args[7].extend(fake)
+        return fake, 0
+
+    monkeypatch.setattr(data, "tokenize_rows", fake_tokenize)
     _prepare(rows, tokenizer, max_seq_len=64, eval_split=0.25)
-    _prepare(rows, tokenizer, train_on_inputs=True, eval_split=0.25)  # twice: its held-out rows are scored apart
+    _prepare(rows, tokenizer, train_on_inputs=True, eval_split=0.25)
     rows.write_text(rows.read_text().replace("Answer 3.", "Answer three."))
     _prepare(rows, tokenizer, eval_split=0.25)
-    assert len(calls) == 4
+    assert len(calls) == 3
     # and so does a new version of the code that renders and tokenizes (no version number to bump by hand)
     monkeypatch.setattr(data, "_code_version", lambda: "a later lora")
     _prepare(rows, tokenizer, eval_split=0.25)
-    assert len(calls) == 5
+    assert len(calls) == 4
 
 
 def test_the_code_version_covers_the_alpaca_template(tmp_path, monkeypatch):
@@ -552,7 +559,11 @@ def test_rows_held_out_of_a_train_on_inputs_run_are_scored_on_their_responses(to
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"instruction": f"Question {i}?", "output": f"Answer {i}."}) + "\n"
                             for i in range(12)))
+    encoded = []
+    real_encode = data._encode
+    monkeypatch.setattr(data, "_encode", lambda *args: encoded.append(1) or real_encode(*args))
     prepared = _prepare(rows, tokenizer, train_on_inputs=True, eval_split=0.25)
+    assert len(encoded) == 12  # both labellings from one encoding of each row
     plain = _prepare(rows, tokenizer, eval_split=0.25)
     assert all(row["labels"] == row["input_ids"] for row in prepared.train)  # trained on every token
     # held out: the same rows as without --train-on-inputs, scored on the response and its EOS only, as
