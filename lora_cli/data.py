@@ -432,6 +432,10 @@ def to_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, Any
 # ---------------------------------------------------------------- rendering
 
 
+class _NotIncremental(Exception):
+    """A chat template whose rendering of a conversation's start changes once more turns follow."""
+
+
 @dataclass
 class Rendered:
     """One example as text, with the character ranges whose tokens are trained."""
@@ -503,6 +507,12 @@ class Renderer:
         return self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _render_chat(self, messages: list[dict[str, str]], where: str) -> Rendered:
+        try:
+            return self._render_turn_by_turn(messages)
+        except _NotIncremental:
+            return self._render_whole(messages, where)
+
+    def _render_turn_by_turn(self, messages: list[dict[str, str]]) -> Rendered:
         # Render the conversation turn by turn: each assistant turn is what the full rendering adds
         # after the generation prompt. It is trained up to and including the last special token it
         # holds (the end-of-turn / EOS), and the template's trailing newline after that is not.
@@ -513,25 +523,54 @@ class Renderer:
                 prompt = self._apply(messages[:i], add_generation_prompt=True)
                 full = self._apply(messages[: i + 1])
                 if not (prompt.startswith(text) and full.startswith(prompt)):
-                    raise DataError(f"{where}: this chat template does not render turns incrementally; "
-                                    "use --template alpaca")
+                    raise _NotIncremental
                 segment = full[len(prompt):]
                 end = self._end_of_turn(segment)
                 if end is None:  # the template closes turns without EOS: add it so the model learns to stop
                     full = full[: len(prompt) + len(segment.rstrip())] + self.eos + segment[len(segment.rstrip()):]
                     end = len(segment.rstrip()) + len(self.eos)
-                # A turn that renders as nothing (blank, or a tool call this template does not show) is
-                # context, not an answer: training it would teach the model to end its turn at once.
-                if self._strip_special(segment[:end]).strip():
+                if self._answers(message, segment[:end]):
                     trained.append((len(prompt), len(prompt) + end))
                 text = full
             else:
                 full = self._apply(messages[: i + 1])
                 if not full.startswith(text):
-                    raise DataError(f"{where}: this chat template does not render turns incrementally; "
-                                    "use --template alpaca")
+                    raise _NotIncremental
                 text = full
         return Rendered(text, trained)
+
+    def _render_whole(self, messages: list[dict[str, str]], where: str) -> Rendered:
+        """A template that renders a turn one way while it is the last and another once a later turn
+        follows (Qwen3 and DeepSeek-R1 give the last answer a <think> block and drop it from earlier
+        ones) cannot be rendered turn by turn. The conversation is then rendered once, as the template
+        shows it whole, and each answer is trained from its generation prompt through the token that
+        closes it (as TRL's assistant-only loss does with a whole rendering)."""
+        text = self._apply(messages)
+        trained: list[tuple[int, int]] = []
+        last_end = 0
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self._apply(messages[:i], add_generation_prompt=True)
+            alone = self._apply(messages[: i + 1])[len(prompt):]  # the answer as the template closes a last turn
+            end = self._end_of_turn(alone)
+            close = next((t for t in self.special if end is not None and alone[:end].endswith(t)), None)
+            start = len(prompt)
+            stop = text.find(close, start) if close and text.startswith(prompt) and start >= last_end else -1
+            if stop < 0:  # no prompt-then-closing-token shape to find the answer by
+                raise DataError(f"{where}: this chat template does not render turns incrementally; "
+                                "use --template alpaca")
+            last_end = stop + len(close)
+            if self._answers(message, text[start:last_end]):
+                trained.append((start, last_end))
+        return Rendered(text, trained)
+
+    def _answers(self, message: dict[str, Any], rendered: str) -> bool:
+        """Whether an assistant turn is something to learn. A blank turn, or a tool call this template
+        does not show, is context: training it would teach the model to end its turn at once (also
+        where the template dresses the turn up, as Qwen3's empty <think> block does)."""
+        said = message["content"].strip() or message.get("tool_calls")
+        return bool(said) and bool(self._strip_special(rendered).strip())
 
     def _strip_special(self, text: str) -> str:
         for token in self.special:

@@ -494,6 +494,57 @@ def test_a_blank_or_tool_call_assistant_turn_is_context_not_an_answer(tokenizer)
     assert data.is_blank(only_blank, "chat")
 
 
+# Qwen3's behaviour, written small: the answer after the last user turn opens with a <think> block
+# (empty when there is no reasoning), and earlier answers lose theirs once a later user turn follows.
+THINKING_TEMPLATE = (
+    "{%- set ns = namespace(found=false, last_query=messages|length - 1) %}"
+    "{%- for m in messages[::-1] %}{%- if not ns.found and m.role == 'user' %}{%- set ns.found = true %}"
+    "{%- set ns.last_query = messages|length - 1 - loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}{%- if m.role == 'assistant' %}"
+    "{%- set content = m.content %}{%- set reasoning = '' %}{%- if '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{%- if loop.index0 > ns.last_query and (loop.last or reasoning) %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def trained_runs(example, tok) -> list[str]:
+    """Each run of consecutive trained tokens, decoded."""
+    runs, current = [], []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs, current = runs + [tok.decode(current)], []
+    return runs + ([tok.decode(current)] if current else [])
+
+
+def test_a_template_that_redraws_earlier_turns_is_rendered_whole(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = THINKING_TEMPLATE
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\nhm\n</think>\n\nHello"},
+             {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Paris is in France."}]
+    renderer = Renderer(tok)
+    rendered = renderer.render({"messages": turns}, "chat", "r")
+    # the conversation as the template shows it whole (the first answer's reasoning dropped); each answer
+    # trained from its generation prompt, the last one with the <think> block generation will produce
+    assert rendered.text == tok.apply_chat_template(turns, tokenize=False)
+    example = tokenize(rendered, tok, 512, False)
+    assert trained_runs(example, tok) == ["Hello<|im_end|>", "<think>\n\n</think>\n\nParis is in France.<|im_end|>"]
+    assert rendered.text.startswith(renderer.prompt(turns[:3]))
+    # a blank last answer is context, although the template gives it an empty <think> block
+    blank = tokenize(renderer.render({"messages": turns[:3] + [{"role": "assistant", "content": ""}]}, "chat", "r"),
+                     tok, 512, False)
+    assert trained_runs(blank, tok) == ["Hello<|im_end|>"]
+    single = tokenize(renderer.render({"messages": turns[2:]}, "chat", "r"), tok, 512, False)
+    assert trained_runs(single, tok) == ["<think>\n\n</think>\n\nParis is in France.<|im_end|>"]
+
+
 def test_sharegpt_role_names_in_chat_rows_are_the_roles_they_name(tokenizer):
     renderer = Renderer(tokenizer)
     aliased = {"messages": [{"role": "human", "content": "Hi"}, {"role": "gpt", "content": "Hello"}]}
