@@ -106,8 +106,31 @@ def errors_as_one_line(func: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             typer.echo("error: interrupted", err=True)
             raise typer.Exit(130) from None
+        except (OSError, RuntimeError) as exc:
+            full = _disk_full(exc)
+            if full is None:
+                raise
+            if state["debug"]:
+                traceback.print_exc()
+            typer.echo(f"error: {full}; free some space (or write elsewhere) and run the command again", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """What a write that ran out of room says, in one line; None for any other error. torch.save reports
+    a short write as a RuntimeError of its zip writer, not as the OSError beneath it."""
+    import errno
+
+    for found in (exc, exc.__cause__, exc.__context__):
+        if isinstance(found, OSError) and found.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            where = f" writing {found.filename}" if found.filename else ""
+            return f"no room left{where} ({found.strerror})"
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("PytorchStreamWriter failed" in text or "unexpected pos" in text):
+        return f"a checkpoint could not be written whole ({text.splitlines()[0][:120]}); the disk may be full"
+    return None
 
 
 def _is_main_process() -> bool:

@@ -25,14 +25,16 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def started(cfg: Any, source: Any, world_size: int) -> dict[str, Any]:
-    """The record of a run that has begun: its resolved options, which `--resume` restores."""
+def started(cfg: Any, source: Any, world_size: int, data_identity: dict[str, Any]) -> dict[str, Any]:
+    """The record of a run that has begun: its resolved options, which `--resume` restores, and the data
+    it trains on, which `--resume` checks."""
     return {
         "status": "started",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": cfg.to_record(),
         "base_model": {"name": source.name, "path": source.location, "hub_id": source.hub_id,
                        "revision": cfg.model.revision},
+        "data": data_identity,
         "world_size": world_size,
     }
 

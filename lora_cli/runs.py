@@ -22,6 +22,7 @@ MANIFEST = "lora_run.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CHECKPOINTS = "checkpoints"
 TRAIN_LOG = "train_log.jsonl"
+LOCK = ".lock"  # held by the process training in the folder
 
 
 def runs_root() -> Path:
@@ -29,15 +30,119 @@ def runs_root() -> Path:
     return Path(os.environ.get("LORA_RUNS_DIR", "runs"))
 
 
-def new_run_dir(model_name: str) -> Path:
+def new_run_dir(model_name: str, reserve: bool = True) -> Path:
+    """A fresh run folder under the runs root, made and locked here (`reserve`): two runs started in the
+    same second (a sweep) each get their own. An empty folder is removed again if the run fails before it
+    writes anything (see remove_if_empty). Without `reserve`, only a name not taken yet."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model_name).name)[:40]
-    path = runs_root() / f"{stamp}-{safe}"
+    made: list[Path] = []
+    if reserve:
+        check_can_create(runs_root(), "the runs folder")
+        missing = [p for p in (runs_root(), *runs_root().parents) if not p.exists()]
+        runs_root().mkdir(parents=True, exist_ok=True)
+        made = missing  # innermost first: removed in this order if the run leaves nothing
     suffix = 1
-    while path.exists():
+    path = runs_root() / f"{stamp}-{safe}"
+    while True:
+        if reserve:
+            with contextlib.suppress(FileExistsError):
+                path.mkdir()  # atomic: of two runs asking for one name, one gets it
+                break
+        elif not path.exists():
+            break
         suffix += 1
         path = runs_root() / f"{stamp}-{safe}-{suffix}"
+    if reserve:
+        lock_run(path)
+        _made[str(path)] = made
     return path
+
+
+# Folders new_run_dir made above a reserved run folder (a runs root that did not exist yet), by run folder.
+_made: dict[str, list[Path]] = {}
+
+
+def remove_if_empty(run_dir: Path, remove_folder: bool) -> None:
+    """After a run that failed before writing anything: its lock file goes, and the folder too where
+    lora made it (`remove_folder`; a folder the user named stays)."""
+    with contextlib.suppress(OSError):
+        if {p.name for p in run_dir.iterdir()} <= {LOCK}:
+            release_run(run_dir)
+            (run_dir / LOCK).unlink(missing_ok=True)
+            if remove_folder:
+                run_dir.rmdir()
+                for parent in _made.pop(str(run_dir), []):
+                    parent.rmdir()  # only while empty: another run may have come since
+
+
+# Open lock files of the runs this process trains, by folder: closing one releases its lock.
+_held: dict[str, Any] = {}
+
+
+def lock_run(run_dir: Path) -> None:
+    """Hold the run folder's lock for as long as this process lives (the system drops it when the process
+    ends, however it ends): a second `lora train` into the same folder, or a `--resume` that would pick it,
+    is refused while this one trains there."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: runs are not guarded against each other
+        return
+    key = str(run_dir.resolve())
+    if key in _held:
+        return
+    handle = open(run_dir / LOCK, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunError(f"{run_dir} is being trained by another lora process (pid {holder}); wait for it to "
+                       "end, or pick another --output-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _held[key] = handle
+
+
+def release_run(run_dir: Path) -> None:
+    handle = _held.pop(str(run_dir.resolve()), None)
+    if handle is not None:
+        handle.close()
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether another process holds the run folder's lock (it is training there now)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    if str(run_dir.resolve()) in _held or not (run_dir / LOCK).is_file():
+        return False
+    try:
+        with open(run_dir / LOCK, encoding="utf-8") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    return False
+
+
+def trim_log(run_dir: Path, step: int) -> None:
+    """On --resume from the checkpoint at `step`: the training log keeps what led up to it. Entries past
+    it (steps the killed process took and the resumed one takes again) and a line cut off by the kill
+    would otherwise stay in it."""
+    path = run_dir / TRAIN_LOG
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= step:
+                kept.append(line + "\n")
+    write_text_atomic(path, "".join(kept))
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any] | None:
@@ -68,10 +173,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside the target and rename: readers see the old or the new file, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, or Ctrl-C: no half-written temporary file left beside the target
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_json_object(path: Path) -> dict[str, Any] | None:
@@ -101,7 +211,10 @@ def update_latest(run_dir: Path) -> None:
         try:
             if tmp.is_symlink() or tmp.exists():
                 tmp.unlink()
-            os.symlink(target, tmp, target_is_directory=True)
+            # relative where the run lies under the runs folder: the pointer survives a moved or copied folder
+            pointed = Path(os.path.relpath(target, root.resolve())) if target.is_relative_to(root.resolve()) \
+                else target
+            os.symlink(pointed, tmp, target_is_directory=True)
         except OSError:
             tmp.write_text(str(target) + "\n")
         check_latest_can_point()
@@ -159,17 +272,21 @@ def _unfinished(run_dir: Path) -> bool:
         return False
 
 
-def resume_dir(output_dir: str | None) -> Path:
-    """The run `--resume` continues: the one named, else the newest unfinished run with a checkpoint."""
+def resume_dir(output_dir: str | None, skip_locked: bool = True) -> Path:
+    """The run `--resume` continues: the one named, else the newest unfinished run with a checkpoint that
+    no other process is training (`skip_locked`)."""
     if output_dir:
         return Path(output_dir)
     root = runs_root()
     unfinished = [p for p in (root.iterdir() if root.is_dir() else ())
                   if p.is_dir() and not p.is_symlink() and _unfinished(p)
                   and any(checkpoint_is_complete(c) for c in (p / CHECKPOINTS).glob("checkpoint-*"))]
-    if not unfinished:
-        raise RunError(f"--resume: no unfinished run with a checkpoint in {root}; name the run with --output-dir")
-    return max(unfinished, key=lambda p: (p / CHECKPOINTS).stat().st_mtime)
+    idle = [p for p in unfinished if not (skip_locked and is_locked(p))]  # not one being trained right now
+    if not idle:
+        busy = f" ({len(unfinished)} being trained by other processes)" if unfinished else ""
+        raise RunError(f"--resume: no unfinished run with a checkpoint in {root}{busy}; name the run with "
+                       "--output-dir")
+    return max(idle, key=lambda p: (p / CHECKPOINTS).stat().st_mtime)
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, inputs: tuple[str | None, ...] = ()) -> None:
@@ -191,7 +308,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, inputs: tuple
             raise RunError(f"--resume: {run_dir} cannot be written to ({exc.strerror or exc}); make it writable, or "
                            "copy the run somewhere you can write and resume it there") from None
         return
-    if not (run_dir.exists() and any(run_dir.iterdir())):
+    if not (run_dir.exists() and any(p.name != LOCK for p in run_dir.iterdir())):
         return
     if not is_run(run_dir):
         example = foreign_entry(run_dir) or sorted(p.name for p in run_dir.iterdir())[0]
@@ -228,7 +345,7 @@ def check_can_create(path: Path, option: str) -> None:
 # checkpoints, a merge inside the run and their temporary names). --overwrite replaces only such folders.
 RUN_ENTRIES = (MANIFEST, TRAIN_LOG, CHECKPOINTS, "adapter_*", "tokenizer*", "special_tokens_map.json",
                "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt", "loss_curve.png",
-               "README.md", "merged", "merged.tmp-*", ".merged.old-*", ".adapter.tmp", "*.tmp")
+               "README.md", "merged", "merged.tmp-*", ".merged.old-*", ".adapter.tmp", "*.tmp", LOCK)
 
 
 def is_run(folder: Path) -> bool:
@@ -249,11 +366,13 @@ def foreign_entry(folder: Path) -> str | None:
 def create_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Make the run folder once the inputs are known to be good; --overwrite clears the old run first."""
     try:
-        if not resume and overwrite and run_dir.exists():
+        if not resume and overwrite and run_dir.exists() and any(p.name != LOCK for p in run_dir.iterdir()):
+            release_run(run_dir)
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunError(f"--output-dir {run_dir} cannot be written: {exc.strerror or exc}") from exc
+    lock_run(run_dir)
 
 
 def newest_checkpoint(run_dir: Path) -> str | None:

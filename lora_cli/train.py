@@ -37,7 +37,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
 
     `extra_callbacks` are Trainer callbacks for callers embedding `lora` in their own code.
     """
-    from lora_cli import cpu, models, runs
+    from lora_cli import cpu, runs
 
     cpu.configure_process()
     _check_reporter(cfg.training.report_to)
@@ -45,9 +45,26 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     # model: both are checked before torch and transformers are even imported.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     is_main = int(os.environ.get("RANK", "0")) == 0
-    run_dir = _agree_on_run_dir(cfg, world_size)
+    run_dir, reserved = _agree_on_run_dir(cfg, world_size, is_main)
+    try:
+        return _train(cfg, run_dir, world_size, is_main, extra_callbacks)
+    except BaseException:
+        if is_main:  # a run that failed before writing anything leaves no trace in the runs folder
+            runs.remove_if_empty(run_dir, remove_folder=reserved)
+        raise
+    finally:
+        if is_main:
+            runs.release_run(run_dir)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, world_size: int, is_main: bool,
+           extra_callbacks: list[Any] | None) -> TrainResult:
+    from lora_cli import models, runs
+
     runs.check_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite,
                        inputs=(cfg.data.path, cfg.data.eval_data))
+    if is_main and run_dir.is_dir():  # held from here: another `lora train` into this folder is refused
+        runs.lock_run(run_dir)
     source = models.resolve_model(cfg.model.name, cfg.model.revision)
 
     import torch
@@ -62,6 +79,7 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
     resume_from = runs.newest_checkpoint(run_dir) if cfg.resume else None
     at_end = False
     if resume_from:
+        check_same_data(run_dir, prepared.identity)
         at_end = check_goes_further(cfg, run_dir, Path(resume_from), len(prepared.train), world_size)
         before = (runs.read_manifest(run_dir) or {}).get("world_size")
         if is_main and before and before != world_size:
@@ -108,7 +126,10 @@ def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResu
         runs.create_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
         # the options, for --resume (kept when resuming); the finished record replaces it at the end
         if not cfg.resume or runs.read_manifest(run_dir) is None:
-            runs.write_json_atomic(run_dir / runs.MANIFEST, manifest.started(cfg, source, world_size))
+            runs.write_json_atomic(run_dir / runs.MANIFEST, manifest.started(cfg, source, world_size,
+                                                                             prepared.identity))
+        if resume_from:  # the log keeps what led up to the checkpoint; the steps after it are taken again
+            runs.trim_log(run_dir, checkpoint_step(Path(resume_from)))
 
     # 4. The Trainer, with the options named as TrainingArguments names them.
     t = cfg.training
@@ -251,9 +272,31 @@ def _write_finished_run(cfg: TrainConfig, run_dir: Path, record: dict[str, Any],
         runs.write_json_atomic(run_dir / runs.MANIFEST, {**record, "status": "started"})
     card = model_card.adapter_card(record, cfg.push_to_hub or str(run_dir), published=bool(cfg.push_to_hub))
     save_adapter(model, tokenizer, run_dir, card)
-    plot_loss_curve(run_dir)
+    try:
+        plot_loss_curve(run_dir)
+    except Exception as exc:  # a picture: never worth the run
+        log.warning("the loss curve was not drawn (%s)", exc)
     runs.write_json_atomic(run_dir / runs.MANIFEST, record)
     runs.update_latest(run_dir)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a complete checkpoint was saved at (runs.checkpoint_is_complete has parsed this file)."""
+    return int(json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step", 0))
+
+
+def check_same_data(run_dir: Path, identity: dict[str, Any]) -> None:
+    """A resumed run trains on the data it started with: its steps after the checkpoint would otherwise
+    come from other rows, and the finished record would name only the new data."""
+    from lora_cli import runs
+
+    started = (runs.read_manifest(run_dir) or {}).get("data") or {}
+    for name, before, now in (("--data", started.get("sha256"), identity.get("sha256")),
+                              ("--eval-data", (started.get("eval") or {}).get("sha256"),
+                               (identity.get("eval") or {}).get("sha256"))):
+        if before and now and before != now:
+            raise RunError(f"--resume: {name} is not what {run_dir} started with (its contents changed); resume "
+                           "with the data it started with, or start the run again with --overwrite")
 
 
 def check_goes_further(cfg: TrainConfig, run_dir: Path, checkpoint: Path, train_rows: int, world_size: int) -> bool:
@@ -267,8 +310,8 @@ def check_goes_further(cfg: TrainConfig, run_dir: Path, checkpoint: Path, train_
     finished = runs.is_finished(run_dir)
     if finished:
         done = (runs.read_manifest(run_dir) or {}).get("metrics", {}).get("global_step", 0)
-    else:  # the checkpoint it resumes from; checkpoint_is_complete has parsed this file
-        done = int(json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step", 0))
+    else:
+        done = checkpoint_step(checkpoint)
     t = cfg.training
     if t.max_steps > 0:
         target, fix = t.max_steps, f"a --max-steps above {done}"
@@ -345,19 +388,34 @@ def _check_reporter(report_to: str) -> None:
         raise ConfigError(f"--report-to {report_to} needs the {report_to} package: pip install \".[{report_to}]\"")
 
 
-def _agree_on_run_dir(cfg: TrainConfig, world_size: int) -> Path:
+def _agree_on_run_dir(cfg: TrainConfig, world_size: int, is_main: bool) -> tuple[Path, bool]:
+    """The run folder, and whether it was made here (a new one, named by the date, made and locked at once
+    so that runs started in the same second get folders of their own)."""
     from lora_cli import runs
 
     if cfg.output_dir or cfg.resume:
-        return runs.resume_dir(cfg.output_dir)
-    name = [str(runs.new_run_dir(cfg.model.name))]
-    if world_size > 1:
-        from accelerate import PartialState
-        from accelerate.utils import broadcast_object_list
+        # several processes each look for the run: rank 0's lock must not hide it from the others
+        return runs.resume_dir(cfg.output_dir, skip_locked=world_size == 1), False
+    if world_size == 1:
+        return runs.new_run_dir(cfg.model.name), True
+    # Every rank names the folder alike, without making it (rank 0 does, once the inputs are checked).
+    # The broadcast settles a name that straddles a second where the launcher has set up a process group.
+    name = [str(runs.new_run_dir(cfg.model.name, reserve=False))]
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
 
-        PartialState()  # joins the process group the launcher set up
-        broadcast_object_list(name, from_process=0)
-    return Path(name[0])
+    PartialState()
+    broadcast_object_list(name, from_process=0)
+    return Path(name[0]), False
+
+
+def _readable_as_umask_allows(folder: Path) -> None:
+    """safetensors writes its files owner-only (0600); an adapter is shared as every other file is."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for item in folder.iterdir():
+        if item.is_file():
+            os.chmod(item, 0o666 & ~mask)
 
 
 def save_adapter(model: Any, tokenizer: Any, run_dir: Path, card: str | None = None) -> None:
@@ -373,6 +431,7 @@ def save_adapter(model: Any, tokenizer: Any, run_dir: Path, card: str | None = N
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
         verify_adapter(tmp)
+        _readable_as_umask_allows(tmp)
         # weights last: adapter_model.safetensors present means the adapter is whole
         for item in sorted(tmp.iterdir(), key=lambda p: p.name == "adapter_model.safetensors"):
             os.replace(item, run_dir / item.name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,7 +82,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter(workdir, tiny_model_
     assert not runs.is_finished(workdir / "killed")
     assert not (workdir / "killed" / "adapter_model.safetensors").exists()
     checkpoint_step = int(Path(runs.newest_checkpoint(workdir / "killed")).name.split("-")[1])
-    lines_before = len((workdir / "killed" / "train_log.jsonl").read_text().splitlines())
+    with (workdir / "killed" / "train_log.jsonl").open("a") as log:  # a line the kill cut off
+        log.write('{"step": 11, "epoch": 1.1, "lo')
 
     # the options are the run's own: a conflicting one is refused, and none need repeating
     conflicting = run_cli(["train", "--resume", "--output-dir", str(workdir / "killed"), "--rank", "8"], workdir)
@@ -90,8 +92,10 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter(workdir, tiny_model_
     resumed = run_cli(["train", "--resume", "--output-dir", str(workdir / "killed")], workdir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert runs.is_finished(workdir / "killed")
-    # it went on from the checkpoint: starting again from step 0 would give the same adapter
-    assert logged_steps(workdir / "killed", lines_before) == list(range(checkpoint_step + 1, 13))
+    # it went on from the checkpoint (starting again from step 0 would give the same adapter, and log steps
+    # 1 to 4 twice); the log holds every step once: the killed process's steps past the checkpoint and the
+    # cut-off line are gone
+    assert checkpoint_step == 4 and logged_steps(workdir / "killed") == list(range(1, 13))
     assert_same_adapter(workdir / "ref", workdir / "killed")
 
 
@@ -255,6 +259,59 @@ def test_bare_resume_picks_the_newest_unfinished_run_with_a_checkpoint(tmp_path,
     runs.write_json_atomic(tmp_path / "c-new" / runs.MANIFEST, {"status": "started"})
     assert runs.resume_dir(None) == tmp_path / "c-new"
     assert runs.resume_dir(str(tmp_path / "a-old")) == tmp_path / "a-old"  # a named run is taken as named
+    # a run another process is training right now is neither picked nor resumed into
+    import fcntl
+
+    with open(tmp_path / "c-new" / runs.LOCK, "a+") as other:
+        other.write("4242\n")
+        other.flush()
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert runs.resume_dir(None) == tmp_path / "a-old"
+        with pytest.raises(RunError, match=r"c-new is being trained by another lora process \(pid 4242\); wait"):
+            runs.lock_run(tmp_path / "c-new")
+    assert runs.resume_dir(None) == tmp_path / "c-new"
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setattr(time, "strftime", lambda *args: "20260101-120000")
+    first, second = runs.new_run_dir("org/model"), runs.new_run_dir("org/model")
+    assert (first.name, second.name) == ("20260101-120000-model", "20260101-120000-model-2")
+    assert first.is_dir() and second.is_dir()
+    runs.remove_if_empty(first, remove_folder=True)  # its run failed before writing anything
+    assert not first.exists() and second.is_dir()
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(workdir, tiny_model_dir, monkeypatch):
+    from lora_cli import train
+    from lora_cli.errors import DataError
+    from test_train import tiny_config
+
+    monkeypatch.setenv("LORA_RUNS_DIR", str(workdir / "runs"))
+    bad = workdir / "bad.jsonl"
+    bad.write_text('{"instruction": "Hi"}\n')
+    cfg = tiny_config(tiny_model_dir, bad, workdir / "unused")
+    cfg.output_dir = None
+    with pytest.raises(DataError):
+        train.run(cfg)
+    assert not (workdir / "runs").exists()  # nor the runs folder it made for the run
+
+
+def test_resume_refuses_data_that_changed_since_the_run_started(workdir, tiny_model_dir, facts_file):
+    from lora_cli import train
+    from test_train import tiny_config
+
+    data = workdir / "data.jsonl"
+    data.write_text(facts_file.read_text())
+    first = train.run(tiny_config(tiny_model_dir, data, workdir / "run", **{"training.max_steps": 2,
+                                                                            "training.save_steps": 2}))
+    assert first.manifest["data"]["sha256"]
+    record = runs.read_manifest(workdir / "run")
+    runs.write_json_atomic(workdir / "run" / runs.MANIFEST, {**record, "status": "started"})
+    data.write_text(facts_file.read_text().replace("Quillmont", "Ravensholm"))
+    with pytest.raises(RunError, match=r"^--resume: --data is not what .*run started with \(its contents changed\)"):
+        train.run(tiny_config(tiny_model_dir, data, workdir / "run", **{"training.max_steps": 2,
+                                                                        "training.save_steps": 2}, resume=True))
 
 
 def test_incomplete_checkpoint_is_skipped_on_resume(tmp_path):
@@ -355,3 +412,43 @@ def test_ctrl_c_in_the_last_step_finishes_the_run(workdir, tiny_model_dir, facts
     assert not result.interrupted and runs.is_finished(workdir / "run")
     assert result.signalled  # the command then skips an upload and exits 130
     assert result.manifest["metrics"]["global_step"] == 4
+
+
+def test_a_full_disk_is_one_line_not_a_traceback(workdir, tiny_model_dir, facts_file):
+    import resource
+
+    def small_files():  # files past 60 kB cannot be written, as on a full disk: the checkpoint's optimizer state (89 kB)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    args = tiny_train_args(tiny_model_dir, facts_file, workdir / "run", "--max-steps", "4", "--save-steps", "2")
+    result = subprocess.run([sys.executable, "-m", "lora_cli", *args], cwd=workdir, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=small_files)
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = re.findall(r"error: .*", result.stderr)  # after the progress bar's carriage return
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "the disk may be full" in errors[0] or "no room left" in errors[0]
+    assert errors[0].endswith("free some space (or write elsewhere) and run the command again")
+    assert not runs.is_finished(workdir / "run")
+
+
+def test_an_atomic_write_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
+    (tmp_path / "out.json").write_text("old")
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError):
+        runs.write_text_atomic(tmp_path / "out.json", "new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"] and (tmp_path / "out.json").read_text() == "old"
+
+
+def test_runs_latest_survives_moving_the_runs_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_RUNS_DIR", str(tmp_path / "runs"))
+    run = tmp_path / "runs" / "20260101-120000-model"
+    run.mkdir(parents=True)
+    runs.update_latest(run)
+    assert os.readlink(tmp_path / "runs" / "latest") == run.name
+    (tmp_path / "runs").rename(tmp_path / "moved")
+    monkeypatch.setenv("LORA_RUNS_DIR", str(tmp_path / "moved"))
+    assert runs.latest_run() == (tmp_path / "moved" / run.name).resolve()
