@@ -197,14 +197,30 @@ def _local_folder(source: Any, revision: str | None) -> Path:
                          "pass a local folder with --base") from None
 
 
+# What a merge writes into its folder; --overwrite replaces only a folder of an earlier merge holding
+# nothing else (a model, notes or code of the user's beside it are never deleted).
+MERGE_ENTRIES = (RECORD, "config.json", "generation_config.json", "model*.safetensors", INDEX, "tokenizer*",
+                 "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt",
+                 "*.model", "README.md")
+
+
 def _refuse_to_clobber(out: Path, overwrite: bool, adapter_dir: Path, base_dir: Path) -> None:
-    if out.resolve() in (adapter_dir.resolve(), base_dir.resolve()):
-        raise ConfigError(f"--output-dir {out} is the adapter or base folder itself; pick a new folder")
+    import fnmatch
+
+    target = out.resolve()
+    for name, folder in (("adapter", adapter_dir), ("base", base_dir)):
+        if folder.resolve() == target or folder.resolve().is_relative_to(target):
+            raise ConfigError(f"--output-dir {out} is or holds the {name} folder being merged; pick a new folder")
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
-    is_model = (out / RECORD).is_file() or (out / "config.json").is_file()
-    if not is_model:
-        raise RunError(f"--output-dir {out} exists and is not a model folder; pick another folder")
+    if not (out / RECORD).is_file():
+        raise RunError(f"--output-dir {out} exists and is not an earlier merge (no {RECORD}); pick another folder "
+                       "(--overwrite only replaces merges)")
+    foreign = next((p.name for p in sorted(out.iterdir())
+                    if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in MERGE_ENTRIES)), None)
+    if foreign is not None:
+        raise RunError(f"--output-dir {out} holds files a merge does not write (such as {foreign}); move them "
+                       "away or pick another folder")
     if not overwrite:
         raise RunError(f"--output-dir {out} already holds a merged model; pass --overwrite to replace it, "
                        "or pick another --output-dir")

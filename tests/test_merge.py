@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import FACTS, tiny_train_args
 from lora_cli import cli, merge, models, train
-from lora_cli.errors import LoraError, RunError
+from lora_cli.errors import ConfigError, LoraError, RunError
 from test_train import tiny_config
 
 IDS = torch.tensor([[1, 20, 30, 40, 50, 60, 70, 80, 90, 100]])
@@ -123,6 +123,35 @@ def test_existing_merge_is_replaced_only_with_overwrite(lora_run, tmp_path):
     assert caught.value.exit_code == 2 and (out / merge.RECORD).read_text() == before
     run_merge(lora_run.run_dir, out, check=False, overwrite=True, dtype="bf16")
     assert json.loads((out / merge.RECORD).read_text())["dtype"] == "bf16" and leftovers(out) == []
+
+
+def test_overwrite_replaces_only_an_earlier_merge(lora_run, tiny_model_dir, tmp_path):
+    import shutil
+
+    # a project of the user's that happens to hold a config.json
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "config.json").write_text('{"app": "x"}')
+    (project / "src" / "main.py").write_text("precious\n")
+    with pytest.raises(RunError, match=r"is not an earlier merge \(no lora_merge.json\); pick another folder"):
+        run_merge(lora_run.run_dir, project, check=False, overwrite=True)
+    # someone else's model
+    other = shutil.copytree(tiny_model_dir, tmp_path / "other_model")
+    with pytest.raises(RunError, match="is not an earlier merge"):
+        run_merge(lora_run.run_dir, other, check=False, overwrite=True)
+    # an earlier merge with the user's notes put beside it
+    out = tmp_path / "merged"
+    run_merge(lora_run.run_dir, out, check=False)
+    (out / "NOTES.txt").write_text("mine\n")
+    with pytest.raises(RunError, match=r"holds files a merge does not write \(such as NOTES.txt\)"):
+        run_merge(lora_run.run_dir, out, check=False, overwrite=True)
+    # a folder that holds the adapter being merged (or the base) would delete it
+    holder = tmp_path / "holder"
+    shutil.copytree(lora_run.run_dir, holder / "myrun", ignore=shutil.ignore_patterns("checkpoints", "merged"))
+    with pytest.raises(ConfigError, match="is or holds the adapter folder being merged"):
+        run_merge(holder / "myrun", holder, check=False, overwrite=True)
+    assert (project / "src" / "main.py").read_text() == "precious\n" and (other / "config.json").is_file()
+    assert (out / "NOTES.txt").is_file() and (holder / "myrun" / "adapter_config.json").is_file()
 
 
 def test_failed_self_check_keeps_the_earlier_merge_and_leaves_nothing(lora_run, tmp_path, monkeypatch):
