@@ -132,7 +132,8 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, *, 
                           "drop --adapter to use it as it is, or give the base model with --model")
     if quantization == "as-trained":
         quantization = plan.quantization
-    resolved = models.resolve_precision(precision)
+    resolved = run_precision(manifest) if precision == "auto" else None
+    resolved = resolved or models.resolve_precision(precision)
     home = tokenizer_folder(adapter_dir, source.location)
     tokenizer = models.load_tokenizer(source if home == source.location else
                                       models.ModelSource(home, home, None, local=True))
@@ -150,6 +151,20 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, *, 
     renderer = Renderer(tokenizer, template if template != "auto" else (trained_data.get("template") or "auto"))
     return LoadedModel(loaded, tokenizer, renderer, adapter_dir, manifest, source.location,
                        trained_data.get("format"))
+
+
+def run_precision(manifest: dict[str, Any] | None) -> str | None:
+    """The precision a run trained in, for `--precision auto` on the kind of device it trained on: the
+    adapter then computes what training measured (its eval loss), whatever this machine's own timing says."""
+    import torch
+
+    record = manifest or {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if record.get("status") != "finished" or record.get("device") != device:
+        return None
+    precision = (record.get("base_model") or {}).get("precision")
+    return precision if precision in ("fp32", "bf16", "fp16") and not (device == "cpu" and precision == "fp16") \
+        else None
 
 
 def attach_adapter(base: Any, adapter_dir: Path, base_name: str, fix: str) -> Any:

@@ -356,6 +356,8 @@ def generate(
                                                            "them; must be above 0.")] = 1.0,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
+    system: Annotated[Optional[str], typer.Option(help="A system prompt, as training rows give one (--prompts-file "
+                                                       "rows with their own keep it).")] = None,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Chat, keeping the history.")] = False,
     prompts_file: Annotated[Optional[Path], typer.Option(help="JSONL of prompts to answer in one go.")] = None,
     output: Annotated[Optional[Path], typer.Option(help="Where --prompts-file answers go (JSONL).")] = None,
@@ -395,16 +397,21 @@ def generate(
     _lean_start_for(adapter, model)
     from lora_cli import adapters
 
+    if system is not None and raw:
+        raise ConfigError("--system has no place in a --raw prompt; drop one of them")
     loaded = adapters.load_for_inference(adapter, model, precision=precision)
+    if system is not None and gen.uses_raw_prompts(loaded):
+        raise ConfigError("--system has no place here: this model was trained on raw text (prompt/completion or "
+                          "text rows), so prompts are sent as they are; drop --system")
     if prompts_file is not None:
-        count = gen.batch(loaded, prompts_file, output, sampling, raw)
+        count = gen.batch(loaded, prompts_file, output, sampling, raw, system)
         typer.echo(f"Wrote {count} answer{'s' if count != 1 else ''} to {output}", err=True)
     elif interactive:
-        gen.interactive(loaded, sampling, raw)
+        gen.interactive(loaded, sampling, raw, system=system)
     elif compare_base:
-        gen.compare(loaded, prompt, sampling, raw)
+        gen.compare(loaded, prompt, sampling, raw, system=system)
     else:
-        gen.stream_answer(loaded, prompt, sampling, raw)
+        gen.stream_answer(loaded, prompt, sampling, raw, system=system)
 
 
 @app.command(name="eval")

@@ -112,24 +112,31 @@ def stop_ids(loaded: Any) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def opening(system: str | None) -> list[dict[str, str]]:
+    """The messages a conversation starts with: the system prompt, when one is given (a blank one is left
+    out, as training leaves it out)."""
+    return [{"role": "system", "content": system}] if system and system.strip() else []
+
+
 def stream_answer(loaded: Any, prompt: str, sampling: Sampling, raw: bool, out: TextIO | None = None,
-                  adapter: bool = True) -> str:
+                  adapter: bool = True, system: str | None = None) -> str:
     """Stream one answer to `out` (default: the current stdout), ending with a newline."""
     out = out or sys.stdout
     def write(piece: str) -> None:
         out.write(piece)
         out.flush()
 
-    answer = generate_one(loaded, prompt_text(loaded, [{"role": "user", "content": prompt}], raw), sampling,
-                          write, adapter)
+    messages = [*opening(system), {"role": "user", "content": prompt}]
+    answer = generate_one(loaded, prompt_text(loaded, messages, raw), sampling, write, adapter)
     out.write("\n")
     return answer
 
 
-def compare(loaded: Any, prompt: str, sampling: Sampling, raw: bool, out: TextIO | None = None) -> dict[str, str]:
+def compare(loaded: Any, prompt: str, sampling: Sampling, raw: bool, out: TextIO | None = None,
+            system: str | None = None) -> dict[str, str]:
     """The same prompt through the base (adapter disabled) and the adapted model."""
     out = out or sys.stdout
-    text = prompt_text(loaded, [{"role": "user", "content": prompt}], raw)
+    text = prompt_text(loaded, [*opening(system), {"role": "user", "content": prompt}], raw)
     answers = {"base": generate_one(loaded, text, sampling, adapter=False),
                "adapted": generate_one(loaded, text, sampling, adapter=True)}
     for name, answer in answers.items():
@@ -144,9 +151,10 @@ def ask(prompt: str) -> str:
     return input()
 
 
-def interactive(loaded: Any, sampling: Sampling, raw: bool, read: Callable[[str], str] = ask) -> None:
+def interactive(loaded: Any, sampling: Sampling, raw: bool, read: Callable[[str], str] = ask,
+                system: str | None = None) -> None:
     """A chat that keeps its history; an empty line or EOF ends it."""
-    history: list[dict[str, str]] = []
+    history: list[dict[str, str]] = opening(system)
     while True:
         try:
             message = read("> ")
@@ -173,16 +181,19 @@ def question(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     return to_messages({**row, "instruction": prompt, "output": None}, "instruction", where)[:-1]
 
 
-def batch(loaded: Any, prompts_file: Path, output: Path, sampling: Sampling, raw: bool) -> int:
-    """Answer every prompt of a JSONL file ({"prompt": ...} or {"instruction": ...}); writes JSONL atomically."""
+def batch(loaded: Any, prompts_file: Path, output: Path, sampling: Sampling, raw: bool,
+          system: str | None = None) -> int:
+    """Answer every prompt of a JSONL file ({"prompt": ...} or {"instruction": ...}); writes JSONL atomically.
+    `system` is the system prompt of rows that have none of their own."""
     from lora_cli.data import read_rows
     from lora_cli.runs import write_text_atomic
 
     rows, _ = read_rows(str(prompts_file), flag="--prompts-file")
     lines = []
     for number, row in enumerate(rows, start=1):
-        answer = generate_one(loaded, prompt_text(loaded, question(row, f"{prompts_file} row {number}"), raw),
-                              sampling)
+        asked = question({"system": system, **row} if system and row.get("system") is None else row,
+                         f"{prompts_file} row {number}")
+        answer = generate_one(loaded, prompt_text(loaded, asked, raw), sampling)
         lines.append(json.dumps({**row, "response": answer.strip()}, ensure_ascii=False))
     write_text_atomic(output, "\n".join(lines) + "\n")
     return len(lines)

@@ -386,6 +386,55 @@ def test_generate_answers_with_the_adapter_in_every_mode(lora_run, tiny_model_di
     assert json.loads(answers.read_text())["response"] == ANSWER
 
 
+def test_inference_computes_in_the_precision_the_run_trained_in(lora_run, monkeypatch):
+    """On a CPU whose timing prefers bf16, a run trained in fp32 is still evaluated in fp32: the adapter
+    then reproduces the eval loss its training recorded. An explicit --precision is honoured."""
+    import lora_cli.cpu
+    from lora_cli import adapters
+
+    monkeypatch.setattr(lora_cli.cpu, "bf16_beats_fp32", lambda *a, **k: True)
+    assert lora_run.manifest["base_model"]["precision"] == "fp32"
+    assert next(adapters.load_for_inference(str(lora_run.run_dir)).model.parameters()).dtype == torch.float32
+    chosen = adapters.load_for_inference(str(lora_run.run_dir), precision="bf16")
+    assert next(chosen.model.get_base_model().parameters()).dtype == torch.bfloat16
+
+
+def test_a_system_prompt_reaches_every_generate_mode(lora_run, tmp_path, monkeypatch):
+    """--system opens the conversation as a training row's system turn does; a --prompts-file row keeps its own."""
+    from lora_cli import generate as gen
+
+    prompts_seen = []
+    real = gen.generate_one
+    monkeypatch.setattr(gen, "generate_one", lambda loaded, text, *a, **k: prompts_seen.append(text) or
+                        real(loaded, text, *a, **k))
+    runner, run = CliRunner(), str(lora_run.run_dir)
+    system = "You are terse."
+    from lora_cli import adapters
+
+    renderer = adapters.load_for_inference(run).renderer
+    expected = renderer.prompt([{"role": "system", "content": system}, {"role": "user", "content": QUESTION}])
+    assert system in expected
+    for mode in (["--prompt", QUESTION], ["--prompt", QUESTION, "--compare"]):
+        prompts_seen.clear()
+        result = runner.invoke(cli.app, ["generate", "--adapter", run, *mode, "--system", system,
+                                         "--max-new-tokens", "4"])
+        assert result.exit_code == 0, result.output
+        assert prompts_seen and set(prompts_seen) == {expected}
+    prompts_seen.clear()
+    chat = runner.invoke(cli.app, ["generate", "--adapter", run, "--interactive", "--system", system,
+                                   "--max-new-tokens", "4"], input=f"{QUESTION}\n\n")
+    assert chat.exit_code == 0 and prompts_seen == [expected]
+    prompts, answers = tmp_path / "prompts.jsonl", tmp_path / "answers.jsonl"
+    prompts.write_text(json.dumps({"prompt": QUESTION}) + "\n" + json.dumps({"prompt": QUESTION, "system": "Own."}) + "\n")
+    prompts_seen.clear()
+    assert runner.invoke(cli.app, ["generate", "--adapter", run, "--prompts-file", str(prompts), "--output",
+                                   str(answers), "--system", system, "--max-new-tokens", "4"]).exit_code == 0
+    assert prompts_seen == [expected, renderer.prompt([{"role": "system", "content": "Own."},
+                                                       {"role": "user", "content": QUESTION}])]
+    refused = runner.invoke(cli.app, ["generate", "--adapter", run, "--prompt", QUESTION, "--system", system, "--raw"])
+    assert refused.exit_code == 2 and "--system has no place in a --raw prompt" in refused.stderr
+
+
 @pytest.mark.parametrize("change, message", [({"num_hidden_layers": 1}, "which the base does not have"),
                                              ({"intermediate_size": 96}, "the shape [64, 128] but the base has [64, 96]")])
 def test_merging_into_another_base_is_refused_and_writes_nothing(change, message, lora_run, tiny_model_dir, tmp_path):
