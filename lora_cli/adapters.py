@@ -163,6 +163,10 @@ def run_precision(manifest: dict[str, Any] | None) -> str | None:
     if record.get("status") != "finished" or record.get("device") != device:
         return None
     precision = (record.get("base_model") or {}).get("precision")
+    if device == "cpu" and precision == "bf16":  # a run from an AMX machine: bf16 only where it is fast here
+        from lora_cli.models import cpu_precision
+
+        return "bf16" if cpu_precision() == "bf16" else None
     return precision if precision in ("fp32", "bf16", "fp16") and not (device == "cpu" and precision == "fp16") \
         else None
 

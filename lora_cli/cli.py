@@ -126,6 +126,8 @@ def _disk_full(exc: BaseException) -> str | None:
     for found in (exc, exc.__cause__, exc.__context__):
         if isinstance(found, OSError) and found.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             where = f" writing {found.filename}" if found.filename else ""
+            if found.errno == errno.EFBIG:  # a file size limit (ulimit -f), or FAT32's 4 GiB
+                return f"a file grew past what this filesystem or process allows{where} ({found.strerror})"
             return f"no room left{where} ({found.strerror})"
     text = str(exc)
     if isinstance(exc, RuntimeError) and ("PytorchStreamWriter failed" in text or "unexpected pos" in text):

@@ -541,8 +541,8 @@ class Renderer:
 
     def _render_whole(self, messages: list[dict[str, str]], where: str) -> Rendered:
         """A template that renders a turn one way while it is the last and another once a later turn
-        follows (Qwen3 and DeepSeek-R1 give the last answer a <think> block and drop it from earlier
-        ones) cannot be rendered turn by turn. The conversation is then rendered once, as the template
+        follows (Qwen3 gives the last answer a <think> block and drops reasoning from earlier ones)
+        cannot be rendered turn by turn. The conversation is then rendered once, as the template
         shows it whole, and each answer is trained from its generation prompt through the token that
         closes it (as TRL's assistant-only loss does with a whole rendering)."""
         text = self._apply(messages)

@@ -199,9 +199,10 @@ def _local_folder(source: Any, revision: str | None) -> Path:
 
 # What a merge writes into its folder; --overwrite replaces only a folder of an earlier merge holding
 # nothing else (a model, notes or code of the user's beside it are never deleted).
-MERGE_ENTRIES = (RECORD, "config.json", "generation_config.json", "model*.safetensors", INDEX, "tokenizer*",
-                 "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt",
-                 "*.model", "README.md")
+MERGE_ENTRIES = (RECORD, "config.json", "generation_config.json", "*.safetensors", INDEX, "tokenizer*",
+                 "tokenization_*.py", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                 "chat_template.json", "vocab.json", "vocab.txt", "merges.txt", "*.model", "*.tiktoken", "tekken.json",
+                 "README.md")
 
 
 def _refuse_to_clobber(out: Path, overwrite: bool, adapter_dir: Path, base_dir: Path) -> None:

@@ -22,7 +22,7 @@ MANIFEST = "lora_run.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CHECKPOINTS = "checkpoints"
 TRAIN_LOG = "train_log.jsonl"
-LOCK = ".lock"  # held by the process training in the folder
+LOCK = ".lora.lock"  # held by the process training in the folder
 
 
 def runs_root() -> Path:
@@ -36,44 +36,55 @@ def new_run_dir(model_name: str, reserve: bool = True) -> Path:
     writes anything (see remove_if_empty). Without `reserve`, only a name not taken yet."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model_name).name)[:40]
+    root = runs_root()
     made: list[Path] = []
-    if reserve:
-        check_can_create(runs_root(), "the runs folder")
-        missing = [p for p in (runs_root(), *runs_root().parents) if not p.exists()]
-        runs_root().mkdir(parents=True, exist_ok=True)
-        made = missing  # innermost first: removed in this order if the run leaves nothing
     suffix = 1
-    path = runs_root() / f"{stamp}-{safe}"
-    while True:
+    path = root / f"{stamp}-{safe}"
+    try:
         if reserve:
-            with contextlib.suppress(FileExistsError):
-                path.mkdir()  # atomic: of two runs asking for one name, one gets it
+            made = [p for p in (root, *root.parents) if not p.exists()]  # innermost first, as they are removed
+            root.mkdir(parents=True, exist_ok=True)
+        while True:
+            if reserve:
+                with contextlib.suppress(FileExistsError):
+                    path.mkdir()  # atomic: of two runs asking for one name, one gets it
+                    break
+            elif not path.exists():
                 break
-        elif not path.exists():
-            break
-        suffix += 1
-        path = runs_root() / f"{stamp}-{safe}-{suffix}"
+            suffix += 1
+            path = root / f"{stamp}-{safe}-{suffix}"
+    except OSError as exc:
+        raise RunError(f"the runs folder {root} cannot take a new run ({exc.strerror or exc}); make it writable, "
+                       "set LORA_RUNS_DIR, or pass --output-dir") from None
     if reserve:
-        lock_run(path)
         _made[str(path)] = made
+        try:
+            lock_run(path)
+        except RunError:
+            remove_if_empty(path, remove_folder=True)
+            raise
     return path
 
 
-# Folders new_run_dir made above a reserved run folder (a runs root that did not exist yet), by run folder.
+# Folders new_run_dir made for a reserved run folder (it, then a runs root that did not exist yet).
 _made: dict[str, list[Path]] = {}
 
 
 def remove_if_empty(run_dir: Path, remove_folder: bool) -> None:
-    """After a run that failed before writing anything: its lock file goes, and the folder too where
-    lora made it (`remove_folder`; a folder the user named stays)."""
+    """After a run that failed before writing anything: the lock file this process holds goes, and the
+    folder too where lora made it (`remove_folder`; a folder the user named stays). Another process's
+    lock is never touched."""
+    key = str(run_dir.resolve())
+    ours = key in _held
     with contextlib.suppress(OSError):
-        if {p.name for p in run_dir.iterdir()} <= {LOCK}:
-            release_run(run_dir)
-            (run_dir / LOCK).unlink(missing_ok=True)
-            if remove_folder:
-                run_dir.rmdir()
-                for parent in _made.pop(str(run_dir), []):
-                    parent.rmdir()  # only while empty: another run may have come since
+        if ours and {p.name for p in run_dir.iterdir()} <= {LOCK}:
+            (run_dir / LOCK).unlink(missing_ok=True)  # while still held: no other process can have taken it
+    release_run(run_dir)
+    if remove_folder:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only while empty
+            for parent in _made.pop(key, []):
+                parent.rmdir()  # only while empty: another run may have come since
 
 
 # Open lock files of the runs this process trains, by folder: closing one releases its lock.
@@ -83,10 +94,11 @@ _held: dict[str, Any] = {}
 def lock_run(run_dir: Path) -> None:
     """Hold the run folder's lock for as long as this process lives (the system drops it when the process
     ends, however it ends): a second `lora train` into the same folder, or a `--resume` that would pick it,
-    is refused while this one trains there."""
+    is refused while this one trains there. Where the platform or the filesystem has no flock, runs go
+    unguarded, with a warning."""
     try:
         import fcntl
-    except ImportError:  # no flock on this platform: runs are not guarded against each other
+    except ImportError:  # no flock on this platform
         return
     key = str(run_dir.resolve())
     if key in _held:
@@ -94,12 +106,22 @@ def lock_run(run_dir: Path) -> None:
     handle = open(run_dir / LOCK, "a+", encoding="utf-8")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
         raise RunError(f"{run_dir} is being trained by another lora process (pid {holder}); wait for it to "
                        "end, or pick another --output-dir") from None
+    except OSError as exc:  # a filesystem without flock (some network and FUSE mounts)
+        handle.close()
+        with contextlib.suppress(OSError):
+            if (run_dir / LOCK).stat().st_size == 0:  # made just now, by open() above: it guards nothing
+                (run_dir / LOCK).unlink()
+        import logging
+
+        logging.getLogger(__name__).warning("%s cannot be locked (%s): nothing stops another lora process from "
+                                            "training in it at the same time", run_dir, exc.strerror or exc)
+        return
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
@@ -122,10 +144,14 @@ def is_locked(run_dir: Path) -> bool:
     if str(run_dir.resolve()) in _held or not (run_dir / LOCK).is_file():
         return False
     try:
+        # a shared probe conflicts with the holder's exclusive lock, and works on a read-only handle
+        # (NFS emulates flock with byte-range locks, whose exclusive kind needs the file open for writing)
         with open(run_dir / LOCK, encoding="utf-8") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
+    except OSError:  # cannot tell (no flock here): not taken for busy
+        return False
     return False
 
 
@@ -366,13 +392,22 @@ def foreign_entry(folder: Path) -> str | None:
 def create_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Make the run folder once the inputs are known to be good; --overwrite clears the old run first."""
     try:
-        if not resume and overwrite and run_dir.exists() and any(p.name != LOCK for p in run_dir.iterdir()):
-            release_run(run_dir)
-            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunError(f"--output-dir {run_dir} cannot be written: {exc.strerror or exc}") from exc
-    lock_run(run_dir)
+    lock_run(run_dir)  # before anything is deleted or written, and the checks below repeated under it
+    earlier = [p for p in run_dir.iterdir() if p.name != LOCK]
+    if earlier and not resume and not overwrite:  # another run wrote here since check_run_dir
+        raise RunError(f"--output-dir {run_dir} now holds a run started meanwhile; pick another folder")
+    if earlier and not resume and overwrite:
+        try:  # the contents, not the folder: the lock (and a folder that is a link) stays
+            for item in earlier:
+                if item.is_dir() and not item.is_symlink():
+                    shutil.rmtree(item)
+                else:
+                    item.unlink()
+        except OSError as exc:
+            raise RunError(f"--output-dir {run_dir} cannot be cleared: {exc.strerror or exc}") from exc
 
 
 def newest_checkpoint(run_dir: Path) -> str | None:

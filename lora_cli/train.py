@@ -410,12 +410,15 @@ def _agree_on_run_dir(cfg: TrainConfig, world_size: int, is_main: bool) -> tuple
 
 
 def _readable_as_umask_allows(folder: Path) -> None:
-    """safetensors writes its files owner-only (0600); an adapter is shared as every other file is."""
-    mask = os.umask(0)
-    os.umask(mask)
+    """safetensors writes its files owner-only (0600); an adapter is shared as every other file is: with
+    the mode a new file gets here (read off a probe, not by setting the process's umask)."""
+    probe = folder / ".mode-probe"
+    os.close(os.open(probe, os.O_CREAT | os.O_WRONLY, 0o666))
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
     for item in folder.iterdir():
         if item.is_file():
-            os.chmod(item, 0o666 & ~mask)
+            os.chmod(item, mode)
 
 
 def save_adapter(model: Any, tokenizer: Any, run_dir: Path, card: str | None = None) -> None:

@@ -260,7 +260,7 @@ def test_bare_resume_picks_the_newest_unfinished_run_with_a_checkpoint(tmp_path,
     assert runs.resume_dir(None) == tmp_path / "c-new"
     assert runs.resume_dir(str(tmp_path / "a-old")) == tmp_path / "a-old"  # a named run is taken as named
     # a run another process is training right now is neither picked nor resumed into
-    import fcntl
+    fcntl = pytest.importorskip("fcntl")
 
     with open(tmp_path / "c-new" / runs.LOCK, "a+") as other:
         other.write("4242\n")
@@ -270,6 +270,27 @@ def test_bare_resume_picks_the_newest_unfinished_run_with_a_checkpoint(tmp_path,
         with pytest.raises(RunError, match=r"c-new is being trained by another lora process \(pid 4242\); wait"):
             runs.lock_run(tmp_path / "c-new")
     assert runs.resume_dir(None) == tmp_path / "c-new"
+
+
+def test_a_live_runs_lock_is_never_taken_over(tmp_path):
+    """A second process that fails next to a live run leaves its lock alone, and one that gets to write
+    re-checks under the lock: a run started meanwhile is refused, not overwritten."""
+    fcntl = pytest.importorskip("fcntl")
+    folder = tmp_path / "x"
+    folder.mkdir()
+    with open(folder / runs.LOCK, "a+") as other:  # the live run's process
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunError, match="being trained by another lora process"):
+            runs.create_run_dir(folder, resume=False, overwrite=True)
+        runs.remove_if_empty(folder, remove_folder=False)  # the failed process cleans up after itself
+        assert (folder / runs.LOCK).is_file() and runs.is_locked(folder)
+    runs.write_json_atomic(folder / runs.MANIFEST, {"status": "finished"})  # a run that ended meanwhile
+    with pytest.raises(RunError, match="now holds a run started meanwhile"):
+        runs.create_run_dir(folder, resume=False, overwrite=False)
+    runs.release_run(folder)
+    runs.create_run_dir(folder, resume=False, overwrite=True)  # asked for: the contents go, the lock stays
+    assert [p.name for p in folder.iterdir()] == [runs.LOCK]
+    runs.release_run(folder)
 
 
 def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
@@ -415,7 +436,7 @@ def test_ctrl_c_in_the_last_step_finishes_the_run(workdir, tiny_model_dir, facts
 
 
 def test_a_full_disk_is_one_line_not_a_traceback(workdir, tiny_model_dir, facts_file):
-    import resource
+    resource = pytest.importorskip("resource")
 
     def small_files():  # files past 60 kB cannot be written, as on a full disk: the checkpoint's optimizer state (89 kB)
         resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
