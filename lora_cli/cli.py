@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import traceback
@@ -257,7 +258,7 @@ def train(
     if result.interrupted:
         if _is_main_process():
             typer.echo(f"Interrupted at step {result.manifest['step']}; a checkpoint is saved. Continue with: "
-                       f"lora train --resume --output-dir {result.run_dir}", err=True)
+                       f"lora train --resume --output-dir {shlex.quote(str(result.run_dir))}", err=True)
         raise typer.Exit(130)
     if not _is_main_process():
         raise typer.Exit(130 if result.signalled else 0)
@@ -503,7 +504,7 @@ def merge(
                if report["max_logit_diff"] is not None else ", not checked (--no-check)")
     typer.echo(f"Merged ({report['merge_into']} weights, {report['dtype']}) in {report['seconds']:.0f} s{checked}.\n"
                f"  model  {report['output_dir']}\n"
-               f"Next: lora generate --model {report['output_dir']} --prompt \"...\"", err=True)
+               f"Next: lora generate --model {shlex.quote(str(report['output_dir']))} --prompt \"...\"", err=True)
 
 
 @app.command()
@@ -543,6 +544,8 @@ def estimate(
     from lora_cli import estimate as est
 
     compute_dtype = cfg.model.precision
+    if device == "cpu" and compute_dtype == "fp16":  # as `lora train` refuses it
+        raise ConfigError("--precision fp16 needs a CUDA GPU; on the CPU use bf16 or fp32")
     if compute_dtype == "auto":  # as `lora train` would choose: on a CPU, this CPU's faster dtype
         from lora_cli.models import cpu_precision
 

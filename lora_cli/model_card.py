@@ -7,6 +7,7 @@ says what it is; `base_model` is set only to a hub id, and only when the weights
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ def adapter_card(record: dict[str, Any], where: str, published: bool = False) ->
     folder, or with `published` the hub repository the adapter is uploaded to, for the loading examples."""
     base, cfg, data, metrics = record["base_model"], record["config"], record["data"], record["metrics"]
     lora, training = cfg["lora"], cfg["training"]
-    local = Path(where).name if published else where
+    local = shlex.quote(Path(where).name if published else where)  # pasted into a shell as it stands
     trained = f"{metrics['trainable_params']:,} of {metrics['total_params']:,} parameters"
     kind = "DoRA" if lora["use_dora"] else "LoRA"
     quantized = {"4bit": "QLoRA: base in 4-bit NF4 with double quantization",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import tempfile
 import time
@@ -185,7 +186,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
         raise RunError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not isinstance(manifest, dict):
         raise RunError(f"{path} is damaged (not a JSON object); restore it from a copy, or train the run again "
-                       f"with `lora train --overwrite --output-dir {run_dir}`")
+                       f"with `lora train --overwrite --output-dir {shlex.quote(str(run_dir))}`")
     return manifest
 
 
@@ -281,7 +282,8 @@ def find_run(spec: str | None, what: str = "adapter") -> Path:
         if not path.exists():
             raise RunError(f"{runs_root() / 'latest'} points to {path}, which no longer exists; name a run, or train one")
     if (path / MANIFEST).is_file() and not is_finished(path):
-        raise RunError(f"{path} is an unfinished run; finish it with `lora train --resume --output-dir {path}`")
+        raise RunError(f"{path} is an unfinished run; finish it with `lora train --resume --output-dir "
+                       f"{shlex.quote(str(path))}`")
     if not (path / "adapter_config.json").is_file():
         raise RunError(f"{path} holds no adapter (adapter_config.json); name a finished run or a PEFT adapter folder")
     from lora_cli.adapters import check_adapter_files

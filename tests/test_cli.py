@@ -98,6 +98,7 @@ BAD_INPUTS = [
     (["merge", "--push-to-hub", "me/merged"], 2, "HF_HUB_OFFLINE=1 forbids uploading"),
     (["estimate", "--rank", "0"], 2, "--rank must be a positive integer, got 0"),
     (["estimate", "--device", "tpu"], 2, "--device must be cuda or cpu"),
+    (["estimate", "--device", "cpu", "--precision", "fp16"], 2, "--precision fp16 needs a CUDA GPU; on the CPU use bf16"),
     (["estimate", "--model", "./no/such/folder"], 2, "does not exist"),
     (["estimate", "--model", "llama-7b", "--target-modules", "nope_proj"], 2, "nope_proj"),
     (["info", "nowhere"], 2, "nowhere does not exist"),

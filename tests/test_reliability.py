@@ -435,6 +435,20 @@ def test_ctrl_c_in_the_last_step_finishes_the_run(workdir, tiny_model_dir, facts
     assert result.manifest["metrics"]["global_step"] == 4
 
 
+def test_hints_name_folders_as_a_shell_reads_them(tmp_path):
+    """A path with a space or a non-ASCII letter, pasted from a hint, is one argument."""
+    import shlex
+
+    run_dir = tmp_path / "my runs" / "rün 1"
+    (run_dir / runs.CHECKPOINTS).mkdir(parents=True)
+    runs.write_json_atomic(run_dir / runs.MANIFEST, {"status": "started"})
+    (run_dir / "adapter_config.json").write_text("{}")
+    with pytest.raises(RunError) as caught:
+        runs.find_run(str(run_dir))
+    command = str(caught.value).split("`")[1]
+    assert shlex.split(command) == ["lora", "train", "--resume", "--output-dir", str(run_dir)]
+
+
 def test_a_full_disk_is_one_line_not_a_traceback(workdir, tiny_model_dir, facts_file):
     resource = pytest.importorskip("resource")
 
