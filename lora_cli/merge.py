@@ -206,19 +206,17 @@ MERGE_ENTRIES = (RECORD, "config.json", "generation_config.json", "*.safetensors
 
 
 def _refuse_to_clobber(out: Path, overwrite: bool, adapter_dir: Path, base_dir: Path) -> None:
-    import fnmatch
+    from lora_cli.runs import foreign_entry
 
-    target = out.resolve()
     for name, folder in (("adapter", adapter_dir), ("base", base_dir)):
-        if folder.resolve() == target or folder.resolve().is_relative_to(target):
+        if folder.resolve().is_relative_to(out.resolve()):  # the folder itself, or one inside it
             raise ConfigError(f"--output-dir {out} is or holds the {name} folder being merged; pick a new folder")
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     if not (out / RECORD).is_file():
         raise RunError(f"--output-dir {out} exists and is not an earlier merge (no {RECORD}); pick another folder "
                        "(--overwrite only replaces merges)")
-    foreign = next((p.name for p in sorted(out.iterdir())
-                    if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in MERGE_ENTRIES)), None)
+    foreign = foreign_entry(out, MERGE_ENTRIES)
     if foreign is not None:
         raise RunError(f"--output-dir {out} holds files a merge does not write (such as {foreign}); move them "
                        "away or pick another folder")

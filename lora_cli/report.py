@@ -7,23 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.data import describe_rendering
+from lora_cli.runs import read_log
 
 LOSS_CURVE = "loss_curve.png"
-
-
-def read_log(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "train_log.jsonl"
-    if not path.is_file():
-        return []
-    entries = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:  # a line cut off by a kill or a full disk: the rest of the log still reads
-            continue
-        if isinstance(entry, dict):
-            entries.append(entry)
-    return entries
 
 
 def plot_loss_curve(run_dir: Path) -> Path | None:

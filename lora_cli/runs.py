@@ -160,16 +160,27 @@ def trim_log(run_dir: Path, step: int) -> None:
     """On --resume from the checkpoint at `step`: the training log keeps what led up to it. Entries past
     it (steps the killed process took and the resumed one takes again) and a line cut off by the kill
     would otherwise stay in it."""
+    if not (run_dir / TRAIN_LOG).is_file():
+        return
+    kept = [entry for entry in read_log(run_dir) if isinstance(entry.get("step"), int) and entry["step"] <= step]
+    write_text_atomic(run_dir / TRAIN_LOG, "".join(json.dumps(entry) + "\n" for entry in kept))
+
+
+def read_log(run_dir: Path) -> list[dict[str, Any]]:
+    """The entries of the run's training log; a line cut off by a kill or a full disk is skipped, so
+    the rest of the log still reads."""
     path = run_dir / TRAIN_LOG
     if not path.is_file():
-        return
-    kept = []
+        return []
+    entries = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        with contextlib.suppress(ValueError):
+        try:
             entry = json.loads(line)
-            if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= step:
-                kept.append(line + "\n")
-    write_text_atomic(path, "".join(kept))
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any] | None:
@@ -383,12 +394,12 @@ def is_run(folder: Path) -> bool:
         foreign_entry(folder) is None
 
 
-def foreign_entry(folder: Path) -> str | None:
-    """The first entry of `folder` that a run does not write, if any."""
+def foreign_entry(folder: Path, entries: tuple[str, ...] = RUN_ENTRIES) -> str | None:
+    """The first entry of `folder` that lora does not write there (by default: a run), if any."""
     import fnmatch
 
     return next((p.name for p in sorted(folder.iterdir())
-                 if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in RUN_ENTRIES)), None)
+                 if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in entries)), None)
 
 
 def create_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
