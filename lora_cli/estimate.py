@@ -271,14 +271,16 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
              quantization: str | None = None, use_dora: bool = False, batch_size: int = 4,
              max_seq_len: int = 512, gradient_checkpointing: bool = False, compute_dtype: str = "bf16",
              device: str = "cuda", lora_dropout: float = 0.05, packing: bool = True,
-             chunked_loss: bool | None = None, model: str | None = None, int8_backward: bool = False) -> dict:
+             chunked_loss: bool | None = None, model: str | None = None, int8_backward: bool = False,
+             packed_weights: bool = False) -> dict:
     """Parameter counts and peak training memory of `lora train` for LoRA/QLoRA on a transformers config.
 
     `lora_dropout` and `packing` default to `lora train`'s defaults; bf16/fp16 compute is taken to
     run under autocast (as `lora train` does), fp32 without. `chunked_loss`: whether the loss runs
     the output layer in chunks (None: as `lora train` decides for this architecture, unsharded).
     `model` names the model in the report. `int8_backward`: an int8 copy of each frozen projection
-    (and a scale per input feature) for the input gradients (lora_cli/int8_backward.py).
+    (and a scale per input feature) for the input gradients (lora_cli/int8_backward.py). `packed_weights`:
+    two copies of each frozen bf16 projection in oneDNN's layout, for bf16 on a CPU (lora_cli/packed_weights.py).
     """
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"Quantization must be 4bit, 8bit or none, not '{quantization}'.")
@@ -302,7 +304,8 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
     act_ckpt, act_full = activations(batch_size, True), activations(batch_size, False)
     memory = {
         "weights_bytes": _weights_bytes(base_params, linears, quantization, p)
-        + (sum(fan_in * fan_out + fan_in * 4 for _name, fan_in, fan_out, _bias in linears) if int8_backward else 0),
+        + (sum(fan_in * fan_out + fan_in * 4 for _name, fan_in, fan_out, _bias in linears) if int8_backward else 0)
+        + (2 * sum(fan_in * fan_out * 2 for _name, fan_in, fan_out, _bias in linears) if packed_weights else 0),
         "lora_bytes": trainable * 4,
         "gradients_bytes": trainable * 4,
         "optimizer_bytes": trainable * 8,
@@ -332,6 +335,7 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
         "lora_dropout": float(lora_dropout), "quantization": quantization, "batch_size": batch_size,
         "max_seq_len": max_seq_len, "packing": bool(packing), "gradient_checkpointing": bool(gradient_checkpointing),
         "compute_dtype": compute_dtype, "device": kind, "int8_backward": bool(int8_backward),
+        "packed_weights": bool(packed_weights),
         "base_params": base_params, "total_params": total, "trainable_params": trainable,
         "trainable_share": trainable / total,
         "memory": memory,
@@ -346,6 +350,7 @@ def format_estimate(report: dict) -> str:
     m = report["memory"]
     base = {None: f"{report['compute_dtype']}", "4bit": "NF4 + double quant",
             "8bit": "int8"}[report["quantization"]]
+    base += " + 2 packed copies" if report.get("packed_weights") else ""
     ckpt = "with" if report["gradient_checkpointing"] else "no"
     overhead = "CUDA context + allocator" if report["device"] == "cuda" else "process + malloc slack"
     rows = [(f"base weights, frozen ({base})", m["weights_bytes"]), ("LoRA adapters (fp32)", m["lora_bytes"]),
@@ -375,9 +380,11 @@ def format_estimate(report: dict) -> str:
 
 
 def estimate_run(cfg: Any, model_config: Any, *, compute_dtype: str, device: str, model: str | None = None,
-                 max_seq_len: int | None = None) -> dict:
+                 max_seq_len: int | None = None, packed_weights: bool | None = None) -> dict:
     """The estimate for a `lora train` configuration: the one place its options become estimate() arguments.
-    `max_seq_len` replaces --max-seq-len where the data is known to be shorter."""
+    `max_seq_len` replaces --max-seq-len where the data is known to be shorter. `packed_weights`: None counts
+    them where they apply (`lora train` leaves them out where they would not leave room, train.check_memory)."""
+    from lora_cli import packed_weights as packed
     from lora_cli.models import resolve_int8_backward, sharded_engine
 
     int8_backward = resolve_int8_backward(cfg.model.int8_backward, compute_dtype, cfg.model.quantization, device)
@@ -387,4 +394,6 @@ def estimate_run(cfg: Any, model_config: Any, *, compute_dtype: str, device: str
                     gradient_checkpointing=cfg.training.gradient_checkpointing, compute_dtype=compute_dtype,
                     device=device, lora_dropout=cfg.lora.lora_dropout, packing=cfg.data.packing,
                     chunked_loss=False if sharded_engine() else None, model=model or cfg.model.name,
-                    int8_backward=int8_backward)
+                    int8_backward=int8_backward,
+                    packed_weights=packed.applies(compute_dtype, cfg.model.quantization, device)
+                    if packed_weights is None else packed_weights)

@@ -70,7 +70,7 @@ def _train(cfg: TrainConfig, run_dir: Path, world_size: int, is_main: bool,
     import torch
     from transformers import TrainingArguments
 
-    from lora_cli import callbacks, data, int8_backward, manifest
+    from lora_cli import callbacks, data, int8_backward, manifest, packed_weights
     from lora_cli.loss import LoraTrainer
 
     # 2. Tokenizer and data before the weights: bad data fails in seconds, not after a model load.
@@ -94,7 +94,7 @@ def _train(cfg: TrainConfig, run_dir: Path, world_size: int, is_main: bool,
     # resolved into the config, so the manifest records what ran
     cfg.model.int8_backward = models.resolve_int8_backward(cfg.model.int8_backward, precision, quantization)
     # every rank: a refusal on rank 0 alone would leave the others waiting for it
-    check_memory(cfg, source, precision, longest_step(prepared.train, cfg), announce=is_main)
+    packed = check_memory(cfg, source, precision, longest_step(prepared.train, cfg), announce=is_main)
     if quantization and precision == "fp16":
         log.warning("fp16 with %s weights often overflows; --precision bf16 is safer where the GPU has it",
                     quantization)
@@ -117,6 +117,7 @@ def _train(cfg: TrainConfig, run_dir: Path, world_size: int, is_main: bool,
     model = models.add_lora(model, cfg.lora, quantized=bool(quantization),
                             gradient_checkpointing=cfg.training.gradient_checkpointing)
     int8_projections = int8_backward.enable(model) if cfg.model.int8_backward else 0
+    packed_projections = packed_weights.enable(model) if packed else 0
     trainable, total = model.get_nb_trainable_parameters()
     if world_size > 1:  # every rank has checked the folder before rank 0 creates it
         from accelerate import PartialState
@@ -176,6 +177,7 @@ def _train(cfg: TrainConfig, run_dir: Path, world_size: int, is_main: bool,
         shown = models.describe_precision(cfg.model.precision, precision)
         shown += f" + {quantization}" if quantization else ""
         shown += f", input gradients of {int8_projections} frozen projections in int8" if int8_projections else ""
+        shown += f", {packed_projections} frozen projections packed for oneDNN" if packed_projections else ""
         log.info("Training %s on %d rows (%s, %s): %s trainable of %s parameters (%.2f%%), "
                  "%s, effective batch %d, lr %g -> %s", source.name, len(prepared.train), prepared.format,
                  data.describe_rendering(prepared.format, prepared.template), f"{trainable:,}", f"{total:,}",
@@ -233,6 +235,8 @@ def _train(cfg: TrainConfig, run_dir: Path, world_size: int, is_main: bool,
             _write_finished_run(cfg, run_dir, record, model, tokenizer)
     finally:
         interrupt.uninstall()
+        # the model goes back to callers as a plain one: a merge into its weights must not meet stale packed copies
+        packed_weights.disable(model)
     return TrainResult(run_dir, record, model=model, signalled=interrupt.signalled)
 
 
@@ -348,27 +352,42 @@ def longest_step(train: Any, cfg: TrainConfig) -> int:
     return sum(lengths[-batch:]) if cfg.data.packing else batch * lengths[-1]
 
 
-def check_memory(cfg: TrainConfig, source: Any, precision: str, tokens: int, announce: bool = True) -> None:
+# Packed weights (lora_cli/packed_weights.py) only where the run, with their copies, stays within this
+# share of the RAM: they buy speed with memory, and a run that must swap loses more than they gain.
+PACKED_WEIGHTS_RAM_SHARE = 0.8
+
+
+def check_memory(cfg: TrainConfig, source: Any, precision: str, tokens: int, announce: bool = True) -> bool:
     """Print what the run will need (where `announce`: rank 0), and refuse at once when it clearly cannot fit
-    the GPU (or the RAM) it has. `tokens` is the largest step the data makes (`longest_step`)."""
+    the GPU (or the RAM) it has. `tokens` is the largest step the data makes (`longest_step`).
+
+    Returns whether the frozen projections get packed weights: where they apply and leave room.
+    """
     import torch
 
-    from lora_cli import estimate
+    from lora_cli import estimate, packed_weights
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    packed = packed_weights.applies(precision, cfg.model.quantization, device)
     batch = cfg.training.per_device_train_batch_size
     seq = min(cfg.data.max_seq_len, -(-tokens // batch))
     try:
-        report = estimate.estimate_run(cfg, estimate.load_model_config(source.location), compute_dtype=precision,
-                                       device="cuda" if torch.cuda.is_available() else "cpu", model=source.name,
-                                       max_seq_len=seq)
+        config = estimate.load_model_config(source.location)
+        report = estimate.estimate_run(cfg, config, compute_dtype=precision, device=device, model=source.name,
+                                       max_seq_len=seq, packed_weights=packed)
     except Exception as exc:  # an estimate is advice; an architecture it cannot model must not stop training
         log.debug("no memory estimate: %s", exc)
-        return
+        return packed
     need = report["memory"]["total_bytes"]
     if torch.cuda.is_available():
         where, have = "the GPU", torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
     else:
         where, have = "this machine", os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if packed and need > PACKED_WEIGHTS_RAM_SHARE * have:
+        packed = False
+        report = estimate.estimate_run(cfg, config, compute_dtype=precision, device=device, model=source.name,
+                                       max_seq_len=seq, packed_weights=False)
+        need = report["memory"]["total_bytes"]
     # only refuse when clearly too big: the estimate is within about 25%, so allow for that
     if need > 1.5 * have:
         raise LoraError(f"this setup needs about {need / 2**30:.1f} GiB but {where} has {have / 2**30:.1f} GiB; "
@@ -376,6 +395,7 @@ def check_memory(cfg: TrainConfig, source: Any, precision: str, tokens: int, ann
     if announce:
         log.info("Estimated peak memory: %.1f GiB (the largest step this data makes, %d tokens; `lora estimate` "
                  "has the breakdown)", need / 2**30, tokens)
+    return packed
 
 
 def _check_reporter(report_to: str) -> None:

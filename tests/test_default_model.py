@@ -89,7 +89,7 @@ def test_estimate_is_within_a_quarter_of_the_measured_training_peak(default_mode
     import subprocess
     import sys
 
-    from lora_cli import estimate
+    from lora_cli import estimate, packed_weights
     from lora_cli.models import resolve_precision
 
     from lora_cli.data import ASSETS
@@ -108,8 +108,10 @@ def test_estimate_is_within_a_quarter_of_the_measured_training_peak(default_mode
     assert status == 0, proc.stderr.read()[-2000:]
     measured = usage.ru_maxrss * 1024
 
+    precision = resolve_precision("auto")
     report = estimate.estimate(estimate.load_model_config("smollm2-135m"), r=8, lora_alpha=16,
                                target_modules="all-linear", batch_size=4, max_seq_len=256,
-                               compute_dtype=resolve_precision("auto"), device="cpu", lora_dropout=0.0, packing=True)
+                               compute_dtype=precision, device="cpu", lora_dropout=0.0, packing=True,
+                               packed_weights=packed_weights.applies(precision, None, "cpu"))
     predicted = report["memory"]["total_bytes"]
     assert abs(predicted - measured) / measured <= 0.25, (predicted / 2**30, measured / 2**30)

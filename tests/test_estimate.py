@@ -231,3 +231,11 @@ def test_hub_id_of_a_short_name_loads_the_shipped_config_offline():
 def test_missing_local_path_is_bad_input_without_asking_the_hub():
     with pytest.raises(ConfigError, match="does not exist"):
         load_model_config("./no/such/model-folder")
+
+
+def test_packed_weights_add_two_bf16_copies_of_every_projection():
+    plain = report(target_modules="qv", compute_dtype="bf16", device="cpu")
+    packed = report(target_modules="qv", compute_dtype="bf16", device="cpu", packed_weights=True)
+    assert packed["memory"]["weights_bytes"] - plain["memory"]["weights_bytes"] == 2 * 2 * LLAMA_7B_LINEAR
+    assert packed["packed_weights"] and not plain["packed_weights"]
+    assert "2 packed copies" in format_estimate(packed) and "packed copies" not in format_estimate(plain)

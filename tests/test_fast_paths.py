@@ -455,3 +455,48 @@ def test_the_int8_timing_measures_this_cpu():
     assert isinstance(cpu.int8_matmul_is_exact(), bool)
 
     assert 0.05 < cpu.int8_speedup(rounds=1) < 50  # a ratio of two real timings, whichever way this CPU goes
+
+
+def test_packed_weights_give_the_same_bf16_loss_and_lora_gradients_bit_for_bit(tiny_model_dir):
+    """The frozen projections on oneDNN's pre-packed weights run the kernels bf16 training runs anyway:
+    the loss and every LoRA gradient equal the plain path's exactly, and `disable` leaves plain layers."""
+    from lora_cli import packed_weights
+
+    if not packed_weights.applies("bf16", None, "cpu"):
+        pytest.skip("this CPU's oneDNN has no native bf16 kernels: lora never packs here")
+    batch = _packed_batch([17, 30, 1, 9], masked_prefix=5)
+    model = _lora_model(tiny_model_dir, attention=packed_attention.register())
+    for param in model.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value = model(**batch).loss
+        value.backward()
+        return value.detach(), _lora_grads(model)
+
+    plain_loss, plain = loss_and_grads()
+    # 2 layers x 7 frozen projections; not the output layer, not LoRA's trainable A and B
+    assert packed_weights.enable(model) == 14
+    assert "forward" not in vars(model.get_output_embeddings())
+    assert all("forward" not in vars(m) for n, m in model.named_modules() if "lora_" in n)
+    packed_loss, packed = loss_and_grads()
+    assert torch.equal(packed_loss, plain_loss)
+    assert packed.keys() == plain.keys() and all(torch.equal(packed[n], plain[n]) for n in plain)
+    assert all(grad.abs().sum() > 0 for grad in plain.values())  # every adapter, the first layer's too, is reached
+    with torch.no_grad():  # evaluation runs on the packed weights too
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model(**batch).loss, plain_loss)
+    assert packed_weights.disable(model) == 14
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_packed_weights_apply_to_bf16_on_a_cpu_only():
+    from lora_cli import packed_weights
+
+    assert not packed_weights.applies("fp32", None, "cpu")  # fp32 runs in MKL, not oneDNN
+    assert not packed_weights.applies("bf16", None, "cuda")
+    assert not packed_weights.applies("bf16", "4bit", "cpu")  # bitsandbytes' layers, not nn.Linear
+    assert packed_weights.applies("bf16", None, "cpu") == torch.ops.mkldnn._is_mkldnn_bf16_supported()

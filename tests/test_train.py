@@ -367,3 +367,23 @@ def test_a_named_layer_held_in_a_fused_one_is_refused_by_train_and_estimate_alik
                         LoraSettings(r=4, target_modules="q_proj,o_proj"), quantized=False, gradient_checkpointing=False)
     with pytest.raises(ConfigError, match=message):  # before, estimate counted o_proj alone without a word
         estimate(AutoConfig.from_pretrained(tiny_phi3_dir), r=4, target_modules="q_proj,o_proj")
+
+
+def test_bf16_on_a_cpu_trains_on_packed_weights_and_hands_back_a_plain_model(tiny_model_dir, tmp_path, caplog):
+    """The run says it packed the frozen projections, learns as ever, and the model it returns has plain
+    layers again: a caller that merges the adapter into the base must not meet stale packed copies."""
+    from conftest import FACTS
+
+    from lora_cli import packed_weights
+
+    if torch.cuda.is_available() or not packed_weights.applies("bf16", None, "cpu"):
+        pytest.skip("packed weights are for bf16 on a CPU with native bf16 kernels")
+    data = tmp_path / "facts.jsonl"
+    data.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in FACTS * 4))
+    with caplog.at_level("INFO", logger="lora_cli.train"):
+        result = train.run(tiny_config(tiny_model_dir, data, tmp_path / "run", **{"model.precision": "bf16",
+                                                                                  "training.max_steps": 12}))
+    assert "14 frozen projections packed for oneDNN" in caplog.text
+    values = losses(result.run_dir)
+    assert values[-1] < values[0]
+    assert packed_weights.disable(result.model) == 0  # nothing packed is left to undo

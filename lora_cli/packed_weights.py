@@ -1,0 +1,97 @@
+"""bf16 training on a CPU: the frozen projections multiply through weights oneDNN has laid out once.
+
+A bf16 matmul on a CPU runs in oneDNN, which wants the weight in its own blocked layout. Handed a
+plain `nn.Linear` weight, it copies the weight into that layout again on every call: twice a step
+for each frozen projection (the forward, `x @ W.T`, and the input gradient, `grad @ W`), some 200 MB
+of weights read and rewritten per pass on the default model. Here each frozen projection gets both
+layouts made once, and its forward and input gradient run on them: the same kernels, so the same
+numbers bit for bit, for 2x the projections' bf16 weights in memory (lora_cli/estimate.py counts them).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+# oneDNN picks the blocking for a typical number of rows; any number of rows still works. A packed
+# row of the default benchmark holds about 500 tokens.
+ROWS_HINT = 512
+
+
+def applies(precision: str, quantization: str | None, device: str) -> bool:
+    """bf16 training on a CPU whose oneDNN has native bf16 kernels, with plain (not quantized or sharded) weights."""
+    if device != "cpu" or precision != "bf16" or quantization is not None:
+        return False
+    import torch
+
+    from lora_cli.models import sharded_engine
+
+    return (not sharded_engine() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def enable(model: Any) -> int:
+    """Give every frozen bf16 `nn.Linear` but the output layer its packed weights; returns how many.
+
+    The output layer runs inside the chunked loss (lora_cli/loss.py); LoRA's A and B are trained, so their
+    weights change every step. `disable` undoes it (before anything changes the base weights, a merge say).
+    """
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    changed = 0
+    for module in model.modules():
+        if (type(module) is not torch.nn.Linear or module is head or module.weight.requires_grad
+                or module.weight.dtype != torch.bfloat16 or module.weight.device.type != "cpu"):
+            continue
+        weight = module.weight.detach()
+        # the forward multiplies by W.T, the input gradient by W: one layout for each
+        forward_layout = reorder(weight, ROWS_HINT)
+        backward_layout = reorder(weight.t().contiguous(), ROWS_HINT)
+        module.forward = functools.partial(_forward, module, forward_layout, backward_layout)
+        changed += 1
+    return changed
+
+
+def disable(model: Any) -> int:
+    """Back to plain `nn.Linear` forwards, the packed copies freed; returns how many were packed."""
+    restored = 0
+    for module in model.modules():
+        forward = vars(module).get("forward")
+        if isinstance(forward, functools.partial) and forward.func is _forward:
+            del module.forward
+            restored += 1
+    return restored
+
+
+def _forward(module: Any, forward_layout: Any, backward_layout: Any, x: Any) -> Any:
+    import torch
+
+    # under autocast an input may come in fp32 (F.linear would cast it): the packed weights are bf16
+    return _function().apply(x.to(torch.bfloat16), module.weight, module.bias, forward_layout, backward_layout)
+
+
+def _linear(x: Any, packed: Any, bias: Any) -> Any:
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@functools.cache
+def _function() -> Any:
+    """The autograd function, built on first use so that importing this module does not import torch."""
+    import torch
+
+    class PackedLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any, weight: Any, bias: Any, forward_layout: Any, backward_layout: Any) -> Any:
+            ctx.backward_layout = backward_layout
+            return _linear(x, forward_layout, bias)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> tuple[Any, None, None, None, None]:
+            # the weight is frozen: only the input's gradient, grad @ W
+            return _linear(grad.to(torch.bfloat16), ctx.backward_layout, None), None, None, None, None
+
+    return PackedLinear
