@@ -563,15 +563,21 @@ def info(
     run_dir: Annotated[Optional[str], typer.Argument(help="Run or adapter folder. (default: runs/latest)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """What a run is: base model, adapter, data, metrics and size.
+    """What a run is: base model, adapter, data, metrics and size; for a run not finished, how far it got.
 
     Example: lora info runs/latest
     """
     from lora_cli import report, runs
 
-    path = runs.find_run(run_dir)
+    path = runs.find_run(run_dir, unfinished=True)
     manifest = runs.read_manifest(path)
-    if as_json:
+    if manifest and manifest.get("status") != "finished":  # started, or being trained right now
+        progress = report.progress(path)
+        if as_json:
+            _print_json({**manifest, "progress": progress})
+        else:
+            typer.echo(report.describe_unfinished(path, manifest, progress))
+    elif as_json:
         _print_json(manifest or {"adapter": str(path)})
     else:
         typer.echo(report.describe(path, manifest))

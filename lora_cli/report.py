@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.data import describe_rendering
-from lora_cli.runs import read_log
+from lora_cli.runs import complete_checkpoints, is_locked, read_log
 
 LOSS_CURVE = "loss_curve.png"
 
@@ -67,6 +67,49 @@ def describe(run_dir: Path, manifest: dict[str, Any] | None) -> str:
         lines += [f"base model  {adapter.get('base_model_name_or_path')}",
                   f"adapter     r={adapter['r']} alpha={adapter['lora_alpha']}, {_size(size)} (a PEFT adapter "
                   "without a lora manifest)"]
+    return "\n".join(lines)
+
+
+def progress(run_dir: Path) -> dict[str, Any]:
+    """How far an unfinished run got: its last logged step and losses, its checkpoints, and whether a
+    `lora train` is training it right now (it holds the run's lock)."""
+    log = read_log(run_dir)
+    steps = [row for row in log if "loss" in row and "step" in row]
+    evals = [row for row in log if "eval_loss" in row]
+    checkpoints = complete_checkpoints(run_dir)
+    return {"training_now": is_locked(run_dir),
+            "step": steps[-1]["step"] if steps else 0,
+            "epoch": steps[-1].get("epoch") if steps else None,
+            "train_loss": steps[-1]["loss"] if steps else None,
+            "eval_loss": evals[-1]["eval_loss"] if evals else None,
+            "checkpoint_step": int(checkpoints[-1].name.split("-")[-1]) if checkpoints else None}
+
+
+def describe_unfinished(run_dir: Path, manifest: dict[str, Any], progress: dict[str, Any]) -> str:
+    """`lora info` on a run that has not finished: what it trains, how far it got, and how to go on."""
+    import shlex
+
+    base, data = manifest.get("base_model") or {}, manifest.get("data") or {}
+    if progress["training_now"]:
+        status = "training now (a `lora train` process holds it)"
+    elif progress["checkpoint_step"] is not None:
+        status = (f"stopped; resume from its checkpoint at step {progress['checkpoint_step']}: "
+                  f"lora train --resume --output-dir {shlex.quote(str(run_dir))}")
+    else:
+        status = f"stopped before its first checkpoint; start it again: lora train ... --output-dir " \
+                 f"{shlex.quote(str(run_dir))} --overwrite"
+    reached = f"step {progress['step']}"
+    if progress["epoch"] is not None:
+        reached += f" (epoch {progress['epoch']:.2f})"
+    if progress["train_loss"] is not None:
+        reached += f", train loss {progress['train_loss']:.4f}"
+    if progress["eval_loss"] is not None:
+        reached += f", eval loss {progress['eval_loss']:.4f}"
+    lines = [f"run         {run_dir} (not finished)", f"status      {status}",
+             f"base model  {base.get('name')} ({base.get('hub_id') or base.get('path')})",
+             f"data        {data.get('source') or '?'}: {data.get('rows', '?')} rows, sha256 {str(data.get('sha256') or data.get('fingerprint'))[:12]}",
+             f"progress    {reached if progress['step'] else 'no step logged yet'}",
+             f"started     {manifest.get('created')}"]
     return "\n".join(lines)
 
 

@@ -280,8 +280,9 @@ def latest_run() -> Path | None:
     return None
 
 
-def find_run(spec: str | None, what: str = "adapter") -> Path:
-    """A finished run or adapter folder named by the user, or `runs/latest` when none is named."""
+def find_run(spec: str | None, what: str = "adapter", unfinished: bool = False) -> Path:
+    """A finished run or adapter folder named by the user, or `runs/latest` when none is named.
+    `unfinished`: a run that has started and not finished is returned as it is (for `lora info`)."""
     if spec:
         path = Path(spec).expanduser()
         if not path.exists():
@@ -293,6 +294,8 @@ def find_run(spec: str | None, what: str = "adapter") -> Path:
         if not path.exists():
             raise RunError(f"{runs_root() / 'latest'} points to {path}, which no longer exists; name a run, or train one")
     if (path / MANIFEST).is_file() and not is_finished(path):
+        if unfinished and read_manifest(path):
+            return path
         raise RunError(f"{path} is an unfinished run; finish it with `lora train --resume --output-dir "
                        f"{shlex.quote(str(path))}`")
     if not (path / "adapter_config.json").is_file():
@@ -421,6 +424,12 @@ def create_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
                     item.unlink()
         except OSError as exc:
             raise RunError(f"--output-dir {run_dir} cannot be cleared: {exc.strerror or exc}") from exc
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first."""
+    found = [p for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return [p for p in sorted(found, key=lambda p: int(p.name.split("-")[-1])) if checkpoint_is_complete(p)]
 
 
 def newest_checkpoint(run_dir: Path) -> str | None:

@@ -487,3 +487,48 @@ def test_runs_latest_survives_moving_the_runs_folder(tmp_path, monkeypatch):
     (tmp_path / "runs").rename(tmp_path / "moved")
     monkeypatch.setenv("LORA_RUNS_DIR", str(tmp_path / "moved"))
     assert runs.latest_run() == (tmp_path / "moved" / run.name).resolve()
+
+
+def test_lora_info_shows_how_far_an_unfinished_run_got_and_how_to_go_on(workdir, tiny_model_dir, facts_file,
+                                                                        monkeypatch):
+    """A run stopped before its end is described, not refused: its last logged step and loss, its newest
+    checkpoint and the command that resumes it; while a process trains it, it says so."""
+    from typer.testing import CliRunner
+
+    from lora_cli import adapters, train
+    from lora_cli.cli import app
+    from lora_cli.errors import LoraError
+    from test_train import tiny_config
+
+    def broken(folder):
+        raise LoraError("disk full (simulated)")
+
+    monkeypatch.setattr(adapters, "verify_adapter", broken)
+    run = workdir / "run"
+    with pytest.raises(LoraError, match="simulated"):
+        train.run(tiny_config(tiny_model_dir, facts_file, run, **{"training.max_steps": 4, "training.save_steps": 3}))
+    monkeypatch.undo()
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")  # as if killed while saving the last one: step 3's remains
+    last = [row for row in runs.read_log(run) if "loss" in row][-1]
+    result = CliRunner().invoke(app, ["info", str(run)])
+    assert result.exit_code == 0, result.output
+    assert f"{run} (not finished)" in result.output
+    assert f"resume from its checkpoint at step 3: lora train --resume --output-dir {run}" in result.output
+    assert f"step 4 (epoch {last['epoch']:.2f}), train loss {last['loss']:.4f}" in result.output
+    as_json = json.loads(CliRunner().invoke(app, ["info", str(run), "--json"]).output)
+    assert as_json["status"] == "started"
+    assert as_json["progress"] == {"training_now": False, "step": 4, "epoch": last["epoch"], "train_loss": last["loss"],
+                                   "eval_loss": None, "checkpoint_step": 3}
+
+    # another process holding the run's lock is a training in progress
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1]); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(run / runs.LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert "training now" in CliRunner().invoke(app, ["info", str(run)]).output
+    finally:
+        holder.kill()
+        holder.wait()
