@@ -146,6 +146,9 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, *, 
     else:
         loaded = base
     loaded.eval()
+    from lora_cli import packed_weights
+
+    packed_weights.enable_for_inference(loaded, resolved, quantization)
     # how training rendered its rows: the run's manifest, or for a merged folder the merge record
     trained_data = (manifest or {}).get("data") or merged_from(source)
     renderer = Renderer(tokenizer, template if template != "auto" else (trained_data.get("template") or "auto"))

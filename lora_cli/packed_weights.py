@@ -6,6 +6,11 @@ for each frozen projection (the forward, `x @ W.T`, and the input gradient, `gra
 of weights read and rewritten per pass on the default model. Here each frozen projection gets both
 layouts made once, and its forward and input gradient run on them: the same kernels, so the same
 numbers bit for bit, for 2x the projections' bf16 weights in memory (lora_cli/estimate.py counts them).
+
+Inference (`lora generate`, `lora eval`) packs the forward layout only, where the copy fits in the memory
+that is free. There the repacking matters most: a token generated multiplies one row by every weight,
+and repacking a weight costs more than multiplying one row by it (a 576 x 1536 projection, one row:
+80 against 50 us).
 """
 
 from __future__ import annotations
@@ -30,28 +35,51 @@ def applies(precision: str, quantization: str | None, device: str) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def enable(model: Any) -> int:
+def enable(model: Any, training: bool = True) -> int:
     """Give every frozen bf16 `nn.Linear` but the output layer its packed weights; returns how many.
 
     The output layer runs inside the chunked loss (lora_cli/loss.py); LoRA's A and B are trained, so their
-    weights change every step. `disable` undoes it (before anything changes the base weights, a merge say).
+    weights change every step. `training=False`: the forward layout only, for a model that computes no
+    gradients. `disable` undoes it (before anything changes the base weights, a merge say).
     """
     import torch
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     reorder = torch.ops.mkldnn._reorder_linear_weight
     changed = 0
-    for module in model.modules():
-        if (type(module) is not torch.nn.Linear or module is head or module.weight.requires_grad
-                or module.weight.dtype != torch.bfloat16 or module.weight.device.type != "cpu"):
-            continue
+    for module in _frozen_projections(model):
         weight = module.weight.detach()
         # the forward multiplies by W.T, the input gradient by W: one layout for each
         forward_layout = reorder(weight, ROWS_HINT)
-        backward_layout = reorder(weight.t().contiguous(), ROWS_HINT)
-        module.forward = functools.partial(_forward, module, forward_layout, backward_layout)
+        if training:
+            backward_layout = reorder(weight.t().contiguous(), ROWS_HINT)
+            module.forward = functools.partial(_forward, module, forward_layout, backward_layout)
+        else:
+            module.forward = functools.partial(_forward_only, module, forward_layout)
         changed += 1
     return changed
+
+
+def enable_for_inference(model: Any, precision: str, quantization: str | None) -> int:
+    """The forward layout for a model that only runs forward (generate, eval), where packing applies and
+    the copy leaves a quarter of the free memory free; returns how many projections were packed."""
+    import psutil
+    import torch
+
+    if not applies(precision, quantization, "cuda" if torch.cuda.is_available() else "cpu"):
+        return 0
+    copy_bytes = sum(module.weight.numel() * module.weight.element_size() for module in _frozen_projections(model))
+    if copy_bytes > 0.75 * psutil.virtual_memory().available:
+        return 0
+    return enable(model, training=False)
+
+
+def _frozen_projections(model: Any) -> list[Any]:
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [module for module in model.modules()
+            if type(module) is torch.nn.Linear and module is not head and not module.weight.requires_grad
+            and module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu"]
 
 
 def disable(model: Any) -> int:
@@ -59,7 +87,7 @@ def disable(model: Any) -> int:
     restored = 0
     for module in model.modules():
         forward = vars(module).get("forward")
-        if isinstance(forward, functools.partial) and forward.func is _forward:
+        if isinstance(forward, functools.partial) and forward.func in (_forward, _forward_only):
             del module.forward
             restored += 1
     return restored
@@ -70,6 +98,12 @@ def _forward(module: Any, forward_layout: Any, backward_layout: Any, x: Any) -> 
 
     # under autocast an input may come in fp32 (F.linear would cast it): the packed weights are bf16
     return _function().apply(x.to(torch.bfloat16), module.weight, module.bias, forward_layout, backward_layout)
+
+
+def _forward_only(module: Any, forward_layout: Any, x: Any) -> Any:
+    import torch
+
+    return _linear(x.to(torch.bfloat16), forward_layout, module.bias)
 
 
 def _linear(x: Any, packed: Any, bias: Any) -> Any:

@@ -500,3 +500,34 @@ def test_packed_weights_apply_to_bf16_on_a_cpu_only():
     assert not packed_weights.applies("bf16", None, "cuda")
     assert not packed_weights.applies("bf16", "4bit", "cpu")  # bitsandbytes' layers, not nn.Linear
     assert packed_weights.applies("bf16", None, "cpu") == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_inference_packs_the_forward_layout_only_where_it_applies_and_fits(tiny_model_dir, monkeypatch):
+    """generate and eval: the same logits on the packed forward layout; nothing packed for fp32, nor where
+    the copy would take more than three quarters of the free memory."""
+    import psutil
+
+    from lora_cli import packed_weights
+
+    if not packed_weights.applies("bf16", None, "cpu"):
+        pytest.skip("this CPU's oneDNN has no native bf16 kernels: lora never packs here")
+    model = _lora_model(tiny_model_dir).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)  # as an adapter loaded for inference
+    model = model.to(torch.bfloat16)
+    ids = torch.randint(3, 300, (2, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    assert packed_weights.enable_for_inference(model, "fp32", None) == 0
+    free = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free._replace(available=1000))
+    assert packed_weights.enable_for_inference(model, "bf16", None) == 0
+    monkeypatch.undo()
+    # 14 frozen projections and, frozen too here, the 2 x 2 x 2 LoRA matrices; not the output layer
+    assert packed_weights.enable_for_inference(model, "bf16", None) == 14 + 8
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain)
+        with model.disable_adapter():  # lora eval's base side
+            base = model(input_ids=ids).logits
+    assert not torch.equal(base, plain)
+    assert packed_weights.disable(model) == 22
