@@ -571,7 +571,8 @@ def info(
 
     path = runs.find_run(run_dir, unfinished=True)
     manifest = runs.read_manifest(path)
-    if manifest and manifest.get("status") != "finished":  # started, or being trained right now
+    # started, or being trained right now (a finished run trained further keeps its old record until the end)
+    if manifest and (manifest.get("status") != "finished" or runs.is_locked(path)):
         progress = report.progress(path)
         if as_json:
             _print_json({**manifest, "progress": progress})

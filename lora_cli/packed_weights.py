@@ -31,8 +31,11 @@ def applies(precision: str, quantization: str | None, device: str) -> bool:
 
     from lora_cli.models import sharded_engine
 
-    return (not sharded_engine() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    if sharded_engine() or not torch.backends.mkldnn.is_available():
+        return False
+    ops = torch.ops.mkldnn
+    return (all(hasattr(ops, name) for name in ("_reorder_linear_weight", "_linear_pointwise"))
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def enable(model: Any, training: bool = True) -> int:
@@ -46,7 +49,7 @@ def enable(model: Any, training: bool = True) -> int:
 
     reorder = torch.ops.mkldnn._reorder_linear_weight
     changed = 0
-    for module in _frozen_projections(model):
+    for module in _frozen_projections(model, training):
         weight = module.weight.detach()
         # the forward multiplies by W.T, the input gradient by W: one layout for each
         forward_layout = reorder(weight, ROWS_HINT)
@@ -67,18 +70,22 @@ def enable_for_inference(model: Any, precision: str, quantization: str | None) -
 
     if not applies(precision, quantization, "cuda" if torch.cuda.is_available() else "cpu"):
         return 0
-    copy_bytes = sum(module.weight.numel() * module.weight.element_size() for module in _frozen_projections(model))
+    copy_bytes = sum(module.weight.numel() * module.weight.element_size()
+                     for module in _frozen_projections(model, training=False))
     if copy_bytes > 0.75 * psutil.virtual_memory().available:
         return 0
     return enable(model, training=False)
 
 
-def _frozen_projections(model: Any) -> list[Any]:
+def _frozen_projections(model: Any, training: bool) -> list[Any]:
+    """The bf16 `nn.Linear`s on the CPU but the output layer; in training, only the frozen ones (a model
+    that only runs forward may not have marked its weights frozen: a plain or merged model)."""
     import torch
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [module for module in model.modules()
-            if type(module) is torch.nn.Linear and module is not head and not module.weight.requires_grad
+            if type(module) is torch.nn.Linear and module is not head
+            and not (training and module.weight.requires_grad)
             and module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu"]
 
 

@@ -87,11 +87,16 @@ def progress(run_dir: Path) -> dict[str, Any]:
 
 def describe_unfinished(run_dir: Path, manifest: dict[str, Any], progress: dict[str, Any]) -> str:
     """`lora info` on a run that has not finished: what it trains, how far it got, and how to go on."""
+    import math
     import shlex
 
     base, data = manifest.get("base_model") or {}, manifest.get("data") or {}
     if progress["training_now"]:
         status = "training now (a `lora train` process holds it)"
+    elif progress["train_loss"] is not None and not math.isfinite(progress["train_loss"]):
+        # resuming would replay the same steps into the same NaN (as `lora train` says when it stops)
+        status = (f"stopped: the loss became NaN or infinite; start again with a lower --lr (or --precision fp32): "
+                  f"lora train ... --output-dir {shlex.quote(str(run_dir))} --overwrite")
     elif progress["checkpoint_step"] is not None:
         status = (f"stopped; resume from its checkpoint at step {progress['checkpoint_step']}: "
                   f"lora train --resume --output-dir {shlex.quote(str(run_dir))}")
@@ -102,7 +107,7 @@ def describe_unfinished(run_dir: Path, manifest: dict[str, Any], progress: dict[
     if progress["epoch"] is not None:
         reached += f" (epoch {progress['epoch']:.2f})"
     if progress["train_loss"] is not None:
-        reached += f", train loss {progress['train_loss']:.4f}"
+        reached += f", train loss {progress['train_loss']:.4f}"  # nan and inf print as such
     if progress["eval_loss"] is not None:
         reached += f", eval loss {progress['eval_loss']:.4f}"
     lines = [f"run         {run_dir} (not finished)", f"status      {status}",

@@ -294,7 +294,8 @@ def find_run(spec: str | None, what: str = "adapter", unfinished: bool = False) 
         if not path.exists():
             raise RunError(f"{runs_root() / 'latest'} points to {path}, which no longer exists; name a run, or train one")
     if (path / MANIFEST).is_file() and not is_finished(path):
-        if unfinished and read_manifest(path):
+        manifest = read_manifest(path) if unfinished else None
+        if manifest and manifest.get("status") != "finished":  # a finished one missing its adapter is refused below
             return path
         raise RunError(f"{path} is an unfinished run; finish it with `lora train --resume --output-dir "
                        f"{shlex.quote(str(path))}`")

@@ -377,8 +377,10 @@ def check_memory(cfg: TrainConfig, source: Any, precision: str, tokens: int, ann
                                        max_seq_len=seq, packed_weights=packed)
     except Exception as exc:  # an estimate is advice; an architecture it cannot model must not stop training
         log.debug("no memory estimate: %s", exc)
-        return packed
-    need = report["memory"]["total_bytes"]
+        return False  # nor is memory spent on speed without knowing that it is there
+    # the processes of a run on one CPU machine share its RAM; each GPU process has a GPU of its own
+    processes = 1 if torch.cuda.is_available() else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    need = report["memory"]["total_bytes"] * processes
     if torch.cuda.is_available():
         where, have = "the GPU", torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
     else:
@@ -387,14 +389,16 @@ def check_memory(cfg: TrainConfig, source: Any, precision: str, tokens: int, ann
         packed = False
         report = estimate.estimate_run(cfg, config, compute_dtype=precision, device=device, model=source.name,
                                        max_seq_len=seq, packed_weights=False)
-        need = report["memory"]["total_bytes"]
+        need = report["memory"]["total_bytes"] * processes
     # only refuse when clearly too big: the estimate is within about 25%, so allow for that
     if need > 1.5 * have:
-        raise LoraError(f"this setup needs about {need / 2**30:.1f} GiB but {where} has {have / 2**30:.1f} GiB; "
-                        "lower --batch-size, --max-seq-len or --rank, or add --use-4bit or --gradient-checkpointing")
+        shared = f" ({processes} processes)" if processes > 1 else ""
+        raise LoraError(f"this setup needs about {need / 2**30:.1f} GiB{shared} but {where} has {have / 2**30:.1f} "
+                        "GiB; lower --batch-size, --max-seq-len or --rank, or add --use-4bit or --gradient-checkpointing")
     if announce:
-        log.info("Estimated peak memory: %.1f GiB (the largest step this data makes, %d tokens; `lora estimate` "
-                 "has the breakdown)", need / 2**30, tokens)
+        together = f", {processes} processes together" if processes > 1 else ""
+        log.info("Estimated peak memory: %.1f GiB (the largest step this data makes, %d tokens%s; `lora estimate` "
+                 "has the breakdown)", need / 2**30, tokens, together)
     return packed
 
 

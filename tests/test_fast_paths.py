@@ -511,10 +511,8 @@ def test_inference_packs_the_forward_layout_only_where_it_applies_and_fits(tiny_
 
     if not packed_weights.applies("bf16", None, "cpu"):
         pytest.skip("this CPU's oneDNN has no native bf16 kernels: lora never packs here")
-    model = _lora_model(tiny_model_dir).eval()
-    for param in model.parameters():
-        param.requires_grad_(False)  # as an adapter loaded for inference
-    model = model.to(torch.bfloat16)
+    # weights not marked frozen, as in a plain or merged model loaded for inference
+    model = _lora_model(tiny_model_dir).eval().to(torch.bfloat16)
     ids = torch.randint(3, 300, (2, 21), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plain = model(input_ids=ids).logits
@@ -523,7 +521,7 @@ def test_inference_packs_the_forward_layout_only_where_it_applies_and_fits(tiny_
     monkeypatch.setattr(psutil, "virtual_memory", lambda: free._replace(available=1000))
     assert packed_weights.enable_for_inference(model, "bf16", None) == 0
     monkeypatch.undo()
-    # 14 frozen projections and, frozen too here, the 2 x 2 x 2 LoRA matrices; not the output layer
+    # 14 projections and the 2 x 2 x 2 LoRA matrices, all in bf16 here; not the output layer
     assert packed_weights.enable_for_inference(model, "bf16", None) == 14 + 8
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, plain)

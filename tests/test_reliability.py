@@ -522,6 +522,12 @@ def test_lora_info_shows_how_far_an_unfinished_run_got_and_how_to_go_on(workdir,
     assert as_json["progress"] == {"training_now": False, "step": 4, "epoch": last["epoch"], "train_loss": last["loss"],
                                    "eval_loss": None, "checkpoint_step": 3}
 
+    # a run that stopped on a NaN loss is not offered a resume, which would replay the same steps into it
+    with open(run / "train_log.jsonl", "a", encoding="utf-8") as log:
+        log.write(json.dumps({"step": 5, "epoch": 0.6, "loss": float("nan")}) + "\n")
+    output = CliRunner().invoke(app, ["info", str(run)]).output
+    assert "the loss became NaN or infinite; start again with a lower --lr" in output and "--resume" not in output
+
     # another process holding the run's lock is a training in progress
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1]); "
                                "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
@@ -532,3 +538,19 @@ def test_lora_info_shows_how_far_an_unfinished_run_got_and_how_to_go_on(workdir,
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_lora_info_on_a_finished_run_missing_its_adapter_is_one_line(workdir, tiny_model_dir, facts_file):
+    from typer.testing import CliRunner
+
+    from lora_cli import train
+    from lora_cli.cli import app
+    from test_train import tiny_config
+
+    run = workdir / "run"
+    train.run(tiny_config(tiny_model_dir, facts_file, run, **{"training.max_steps": 2}))
+    (run / "adapter_config.json").unlink()
+    result = CliRunner().invoke(app, ["info", str(run)])
+    # its adapter counts as unfinished business, as every other command says: one line, no traceback
+    assert result.exit_code != 0 and result.output.count("\n") == 1, result.output
+    assert "is an unfinished run; finish it with `lora train --resume" in result.output

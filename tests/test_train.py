@@ -387,3 +387,46 @@ def test_bf16_on_a_cpu_trains_on_packed_weights_and_hands_back_a_plain_model(tin
     values = losses(result.run_dir)
     assert values[-1] < values[0]
     assert packed_weights.disable(result.model) == 0  # nothing packed is left to undo
+
+
+def test_packed_weights_are_left_out_where_the_processes_on_this_machine_would_not_leave_room(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """The copies are made only where the run with them stays within 80% of the RAM, counting every process
+    of the run on this machine (they share it); past 1.5x the RAM the run is refused; and without an
+    estimate, no memory is spent on them."""
+    import os
+
+    from lora_cli import estimate, models, packed_weights
+    from lora_cli.errors import LoraError
+    from lora_cli.train import check_memory
+
+    if torch.cuda.is_available() or not packed_weights.applies("bf16", None, "cpu"):
+        pytest.skip("packed weights are for bf16 on a CPU with native bf16 kernels")
+    cfg = tiny_config(tiny_model_dir, tmp_path / "d.jsonl", tmp_path / "run", **{"model.precision": "bf16"})
+    source = models.resolve_model(str(tiny_model_dir))
+    config = estimate.load_model_config(source.location)
+
+    def total(packed: bool) -> int:
+        return estimate.estimate_run(cfg, config, compute_dtype="bf16", device="cpu", max_seq_len=64,
+                                     packed_weights=packed)["memory"]["total_bytes"]
+
+    with_copies, without = total(True), total(False)
+    assert with_copies > without
+    ram = int(with_copies / 0.75)
+    real_sysconf = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PHYS_PAGES": ram, "SC_PAGE_SIZE": 1}.get(name)
+                        or real_sysconf(name))
+    tokens = 4 * 64
+    assert check_memory(cfg, source, "bf16", tokens) is True
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes with copies: 1.5x the RAM
+    assert check_memory(cfg, source, "bf16", tokens) is False
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(LoraError, match=r"GiB \(4 processes\) but this machine has"):
+        check_memory(cfg, source, "bf16", tokens)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+
+    def cannot(location):
+        raise ValueError("an architecture the estimate cannot model")
+
+    monkeypatch.setattr(estimate, "load_model_config", cannot)
+    assert check_memory(cfg, source, "bf16", tokens) is False
