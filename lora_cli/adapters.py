@@ -188,6 +188,19 @@ def attach_adapter(base: Any, adapter_dir: Path, base_name: str, fix: str) -> An
                        f"{fix}") from exc
 
 
+def trained_format(adapter: str | None, model: str | None) -> str | None:
+    """The row format the model to be loaded was trained on, read before any weights load: from the run's
+    manifest, or from a local merged folder's record; None where neither tells (a hub model, say)."""
+    from lora_cli.models import ModelSource
+
+    plan = plan_load(adapter, model)
+    trained = (plan.manifest or {}).get("data")
+    if trained is None and Path(plan.base_name).expanduser().is_dir():
+        folder = str(Path(plan.base_name).expanduser())
+        trained = merged_from(ModelSource(folder, folder, None, local=True))
+    return (trained or {}).get("format")
+
+
 def merged_from(source: Any) -> dict[str, Any]:
     """The template and row format a merged folder's adapter was trained with (its `lora_merge.json`), or {}."""
     return _merge_record(source).get("trained_on") or {}

@@ -402,10 +402,16 @@ def generate(
 
     if system is not None and raw:
         raise ConfigError("--system has no place in a --raw prompt; drop one of them")
+    from lora_cli.data import RAW_FORMATS
+
+    raw_text = ("--system has no place here: this model was trained on raw text (prompt/completion or text rows), "
+                "so prompts are sent as they are; drop --system")
+    # known from the run folder (or a merged folder's record): refused before the weights load
+    if system is not None and adapters.trained_format(adapter, model) in RAW_FORMATS:
+        raise ConfigError(raw_text)
     loaded = adapters.load_for_inference(adapter, model, precision=precision)
-    if system is not None and gen.uses_raw_prompts(loaded):
-        raise ConfigError("--system has no place here: this model was trained on raw text (prompt/completion or "
-                          "text rows), so prompts are sent as they are; drop --system")
+    if system is not None and gen.uses_raw_prompts(loaded):  # where only the loaded model tells
+        raise ConfigError(raw_text)
     if prompts_file is not None:
         count = gen.batch(loaded, prompts_file, output, sampling, raw, system)
         typer.echo(f"Wrote {count} answer{'s' if count != 1 else ''} to {output}", err=True)

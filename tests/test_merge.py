@@ -557,3 +557,25 @@ def test_a_damaged_safetensors_header_is_one_error_without_reading_the_file(tmp_
     with pytest.raises(ModelError, match="model.safetensors is damaged or not a safetensors file"):
         read_header(path)
 
+
+
+def test_a_system_prompt_for_a_raw_text_run_is_refused_before_the_model_loads(lora_run, tmp_path, monkeypatch):
+    """A run trained on prompt/completion or text rows sends prompts as they are: --system is refused from its
+    record, in a second, not after the weights have loaded."""
+    import shutil
+
+    from lora_cli import adapters, runs
+
+    run = tmp_path / "completion-run"
+    shutil.copytree(lora_run.run_dir, run)
+    manifest = runs.read_manifest(run)
+    manifest["data"]["format"] = "completion"
+    runs.write_json_atomic(run / runs.MANIFEST, manifest)
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(adapters, "load_for_inference", must_not_load)
+    refused = CliRunner().invoke(cli.app, ["generate", "--adapter", str(run), "--prompt", QUESTION, "--system", "Hi."])
+    assert refused.exit_code == 2 and "this model was trained on raw text" in refused.stderr, refused.output
+    assert adapters.trained_format(str(lora_run.run_dir), None) == lora_run.manifest["data"]["format"]
