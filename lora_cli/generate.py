@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
+import os
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from lora_cli.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -183,17 +188,58 @@ def question(row: dict[str, Any], where: str) -> list[dict[str, str]]:
 
 def batch(loaded: Any, prompts_file: Path, output: Path, sampling: Sampling, raw: bool,
           system: str | None = None) -> int:
-    """Answer every prompt of a JSONL file ({"prompt": ...} or {"instruction": ...}); writes JSONL atomically.
-    `system` is the system prompt of rows that have none of their own."""
+    """Answer every prompt of a JSONL file ({"prompt": ...} or {"instruction": ...}); returns how many.
+    `system` is the system prompt of rows that have none of their own.
+
+    Each answer is written to `<output>.partial` as soon as it is made, and the file becomes `output` only
+    when every row is answered. The same command run again after an interruption keeps the answers
+    already made for the same rows and goes on from there."""
     from lora_cli.data import read_rows
-    from lora_cli.runs import write_text_atomic
 
     rows, _ = read_rows(str(prompts_file), flag="--prompts-file")
-    lines = []
-    for number, row in enumerate(rows, start=1):
-        asked = question({"system": system, **row} if system and row.get("system") is None else row,
-                         f"{prompts_file} row {number}")
-        answer = generate_one(loaded, prompt_text(loaded, asked, raw), sampling)
-        lines.append(json.dumps({**row, "response": answer.strip()}, ensure_ascii=False))
-    write_text_atomic(output, "\n".join(lines) + "\n")
-    return len(lines)
+    partial = partial_answers(output)
+    kept = answered_before(partial, rows)
+    if kept:
+        log.info("%d of %d prompts were answered before (%s): going on from row %d", len(kept), len(rows),
+                 partial, len(kept) + 1)
+    with open(partial, "w", encoding="utf-8") as out:
+        out.writelines(line + "\n" for line in kept)  # rewritten: a line cut off by the interruption goes
+        out.flush()
+        done = len(kept)
+        try:
+            for number, row in enumerate(rows[done:], start=done + 1):
+                asked = question({"system": system, **row} if system and row.get("system") is None else row,
+                                 f"{prompts_file} row {number}")
+                answer = generate_one(loaded, prompt_text(loaded, asked, raw), sampling)
+                out.write(json.dumps({**row, "response": answer.strip()}, ensure_ascii=False) + "\n")
+                out.flush()
+                done = number
+        except KeyboardInterrupt:
+            log.warning("%d of %d prompts answered, kept in %s; the same command again goes on from there",
+                        done, len(rows), shlex.quote(str(partial)))
+            raise
+    os.replace(partial, output)
+    return len(rows)
+
+
+def partial_answers(output: Path) -> Path:
+    """Where `batch` keeps the answers made so far."""
+    return output.with_name(output.name + ".partial")
+
+
+def answered_before(partial: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """The lines of an earlier, interrupted `batch` that answer the first rows of `rows`, in order: each the
+    row itself plus its response. Nothing when the file is missing or was made for other prompts."""
+    if not partial.is_file():
+        return []
+    kept = []
+    for line, row in zip(partial.read_text(encoding="utf-8", errors="replace").splitlines(), rows):
+        try:
+            answered = json.loads(line)
+        except ValueError:
+            break  # the line the interruption cut off
+        if not isinstance(answered, dict) or {k: v for k, v in answered.items() if k != "response"} != row \
+                or not isinstance(answered.get("response"), str):
+            break  # from here on the prompts are not the ones answered then
+        kept.append(line)
+    return kept

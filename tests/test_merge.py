@@ -579,3 +579,44 @@ def test_a_system_prompt_for_a_raw_text_run_is_refused_before_the_model_loads(lo
     refused = CliRunner().invoke(cli.app, ["generate", "--adapter", str(run), "--prompt", QUESTION, "--system", "Hi."])
     assert refused.exit_code == 2 and "this model was trained on raw text" in refused.stderr, refused.output
     assert adapters.trained_format(str(lora_run.run_dir), None) == lora_run.manifest["data"]["format"]
+
+
+def test_an_interrupted_prompts_file_keeps_its_answers_and_the_same_command_goes_on(lora_run, tmp_path, monkeypatch):
+    """Answers are written as they are made; after Ctrl-C the same command answers only the rows still open,
+    and the answers file appears, whole, only at the end. Answers kept for other prompts are not reused."""
+    from lora_cli import generate as gen
+
+    prompts, answers = tmp_path / "prompts.jsonl", tmp_path / "answers.jsonl"
+    rows = [{"prompt": QUESTION, "id": i} for i in range(3)]
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = ["generate", "--adapter", str(lora_run.run_dir), "--prompts-file", str(prompts), "--output", str(answers),
+            "--max-new-tokens", "20"]
+    real, calls = gen.generate_one, []
+
+    def counted(*a, **k):
+        calls.append(1)
+        if stop_at and len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(gen, "generate_one", counted)
+    stop_at = 3
+    interrupted = CliRunner().invoke(cli.app, args)
+    assert interrupted.exit_code == 130 and "2 of 3 prompts answered" in interrupted.stderr, interrupted.output
+    partial = gen.partial_answers(answers)
+    assert not answers.exists() and len(partial.read_text().splitlines()) == 2
+    with open(partial, "a", encoding="utf-8") as out:
+        out.write('{"prompt": "cut off')  # a line the interruption cut in half
+    calls.clear()
+    stop_at = None
+    assert CliRunner().invoke(cli.app, args).exit_code == 0
+    assert len(calls) == 1 and not partial.exists()  # only the third row was answered again
+    assert [json.loads(line) for line in answers.read_text().splitlines()] == [
+        {**row, "response": ANSWER} for row in rows]
+
+    # answers kept for prompts that have since changed are not taken for theirs
+    partial.write_text(answers.read_text())
+    prompts.write_text("".join(json.dumps({**row, "id": row["id"] + 10}) + "\n" for row in rows))
+    calls.clear()
+    assert CliRunner().invoke(cli.app, [*args, "--overwrite"]).exit_code == 0
+    assert len(calls) == 3 and [json.loads(line)["id"] for line in answers.read_text().splitlines()] == [10, 11, 12]
