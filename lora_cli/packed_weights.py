@@ -54,7 +54,7 @@ def enable(model: Any, training: bool = True) -> int:
         # the forward multiplies by W.T, the input gradient by W: one layout for each
         forward_layout = reorder(weight, ROWS_HINT)
         if training:
-            backward_layout = reorder(weight.t().contiguous(), ROWS_HINT)
+            backward_layout = reorder(weight.t(), ROWS_HINT)
             module.forward = functools.partial(_forward, module, forward_layout, backward_layout)
         else:
             module.forward = functools.partial(_forward_only, module, forward_layout)
