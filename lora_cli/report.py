@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.data import describe_rendering
-from lora_cli.runs import complete_checkpoints, is_locked, read_log
+from lora_cli.runs import checkpoint_number, complete_checkpoints, is_locked, read_log
 
 LOSS_CURVE = "loss_curve.png"
 
@@ -82,7 +82,7 @@ def progress(run_dir: Path) -> dict[str, Any]:
             "epoch": steps[-1].get("epoch") if steps else None,
             "train_loss": steps[-1]["loss"] if steps else None,
             "eval_loss": evals[-1]["eval_loss"] if evals else None,
-            "checkpoint_step": int(checkpoints[-1].name.split("-")[-1]) if checkpoints else None}
+            "checkpoint_step": checkpoint_number(checkpoints[-1]) if checkpoints else None}
 
 
 def describe_unfinished(run_dir: Path, manifest: dict[str, Any], progress: dict[str, Any]) -> str:
@@ -91,18 +91,19 @@ def describe_unfinished(run_dir: Path, manifest: dict[str, Any], progress: dict[
     import shlex
 
     base, data = manifest.get("base_model") or {}, manifest.get("data") or {}
+    folder = shlex.quote(str(run_dir))
     if progress["training_now"]:
         status = "training now (a `lora train` process holds it)"
     elif progress["train_loss"] is not None and not math.isfinite(progress["train_loss"]):
         # resuming would replay the same steps into the same NaN (as `lora train` says when it stops)
         status = (f"stopped: the loss became NaN or infinite; start again with a lower --lr (or --precision fp32): "
-                  f"lora train ... --output-dir {shlex.quote(str(run_dir))} --overwrite")
+                  f"lora train ... --output-dir {folder} --overwrite")
     elif progress["checkpoint_step"] is not None:
         status = (f"stopped; resume from its checkpoint at step {progress['checkpoint_step']}: "
-                  f"lora train --resume --output-dir {shlex.quote(str(run_dir))}")
+                  f"lora train --resume --output-dir {folder}")
     else:
-        status = f"stopped before its first checkpoint; start it again: lora train ... --output-dir " \
-                 f"{shlex.quote(str(run_dir))} --overwrite"
+        status = f"stopped before its first checkpoint; start it again: lora train ... --output-dir {folder} " \
+                 "--overwrite"
     reached = f"step {progress['step']}"
     if progress["epoch"] is not None:
         reached += f" (epoch {progress['epoch']:.2f})"
@@ -112,7 +113,8 @@ def describe_unfinished(run_dir: Path, manifest: dict[str, Any], progress: dict[
         reached += f", eval loss {progress['eval_loss']:.4f}"
     lines = [f"run         {run_dir} (not finished)", f"status      {status}",
              f"base model  {base.get('name')} ({base.get('hub_id') or base.get('path')})",
-             f"data        {data.get('source') or '?'}: {data.get('rows', '?')} rows, sha256 {str(data.get('sha256') or data.get('fingerprint'))[:12]}",
+             f"data        {data.get('source') or '?'}: {data.get('rows', '?')} rows, "
+             f"sha256 {str(data.get('sha256') or data.get('fingerprint'))[:12]}",
              f"progress    {reached if progress['step'] else 'no step logged yet'}",
              f"started     {manifest.get('created')}"]
     return "\n".join(lines)

@@ -323,7 +323,7 @@ def resume_dir(output_dir: str | None, skip_locked: bool = True) -> Path:
     root = runs_root()
     unfinished = [p for p in (root.iterdir() if root.is_dir() else ())
                   if p.is_dir() and not p.is_symlink() and _unfinished(p)
-                  and any(checkpoint_is_complete(c) for c in (p / CHECKPOINTS).glob("checkpoint-*"))]
+                  and _has_complete_checkpoint(p)]
     idle = [p for p in unfinished if not (skip_locked and is_locked(p))]  # not one being trained right now
     if not idle:
         busy = f" ({len(unfinished)} being trained by other processes)" if unfinished else ""
@@ -427,10 +427,20 @@ def create_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
             raise RunError(f"--output-dir {run_dir} cannot be cleared: {exc.strerror or exc}") from exc
 
 
+def checkpoint_number(checkpoint: Path) -> int:
+    """The step in a checkpoint folder's name (checkpoint-120 -> 120); -1 for a name without one."""
+    suffix = checkpoint.name.split("-")[-1]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders, complete or not, oldest first (names without a step before them)."""
+    return sorted((run_dir / CHECKPOINTS).glob("checkpoint-*"), key=checkpoint_number)
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """The run's complete checkpoints, oldest first."""
-    found = [p for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return [p for p in sorted(found, key=lambda p: int(p.name.split("-")[-1])) if checkpoint_is_complete(p)]
+    """The run's complete checkpoints with a step in their name, oldest first."""
+    return [p for p in _checkpoints(run_dir) if checkpoint_number(p) >= 0 and checkpoint_is_complete(p)]
 
 
 def newest_checkpoint(run_dir: Path) -> str | None:
@@ -439,9 +449,7 @@ def newest_checkpoint(run_dir: Path) -> str | None:
 
     log = logging.getLogger(__name__)
     folder = run_dir / CHECKPOINTS
-    candidates = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
-                        if p.name.split("-")[-1].isdigit() else -1, reverse=True)
-    for checkpoint in candidates:
+    for checkpoint in reversed(_checkpoints(run_dir)):
         if checkpoint_is_complete(checkpoint):
             return str(checkpoint)
         log.warning("skipping incomplete checkpoint %s", checkpoint)
