@@ -32,6 +32,21 @@ def auto_learning_rate(num_params: int) -> float:
     return 1e-3 if num_params < 1_000_000_000 else 2e-4
 
 
+def reentrant_checkpointing(world_size: int) -> bool:
+    """Whether --gradient-checkpointing recomputes with torch's reentrant checkpoint (a CPU run in one process).
+
+    The non-reentrant one records an autograd graph in the forward pass: thousands of small nodes that live
+    until the backward. On a CPU they land in the holes that each layer's freed temporaries leave in
+    glibc's heap, the holes cannot be reused whole, and the heap grew by 0.4 GB over a step of the default
+    model (peak RSS 1.81 against 1.50 GiB, batch 4 x 256 tokens, all linear layers, bf16; the same loss).
+    The reentrant one runs the forward without a graph. Elsewhere the non-reentrant one stays: GPU memory
+    does not hold those nodes, and DDP and FSDP document it as the one they support.
+    """
+    import torch
+
+    return world_size == 1 and not torch.cuda.is_available()
+
+
 def run(cfg: TrainConfig, extra_callbacks: list[Any] | None = None) -> TrainResult:
     """Fine-tune cfg.model with a LoRA adapter on cfg.data and write the run folder.
 
@@ -151,7 +166,8 @@ def _train(cfg: TrainConfig, run_dir: Path, world_size: int, is_main: bool,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         eval_strategy="steps" if prepared.eval is not None else "no", eval_steps=t.eval_steps or t.save_steps,
         activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing_kwargs={"use_reentrant": reentrant_checkpointing(world_size)}
+        if t.gradient_checkpointing else None,
         report_to=[] if t.report_to == "none" else [t.report_to],
         # A packed row has no padding, and counting "non-padding" there would drop every real token equal
         # to the pad id (often the EOS, which ends every example): count them all. Padded batches carry
