@@ -135,9 +135,7 @@ def _train(cfg: TrainConfig, run_dir: Path, world_size: int, is_main: bool,
     packed_projections = packed_weights.enable(model) if packed else 0
     trainable, total = model.get_nb_trainable_parameters()
     if world_size > 1:  # every rank has checked the folder before rank 0 creates it
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
+        _ranks().wait_for_everyone()
     if is_main:  # only now, with data and model known good, does anything get written
         runs.create_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
         # the options, for --resume (kept when resuming); the finished record replaces it at the end
@@ -438,15 +436,37 @@ def _agree_on_run_dir(cfg: TrainConfig, world_size: int, is_main: bool) -> tuple
         return runs.resume_dir(cfg.output_dir, skip_locked=world_size == 1), False
     if world_size == 1:
         return runs.new_run_dir(cfg.model.name), True
-    # Every rank names the folder alike, without making it (rank 0 does, once the inputs are checked).
-    # The broadcast settles a name that straddles a second where the launcher has set up a process group.
-    name = [str(runs.new_run_dir(cfg.model.name, reserve=False))]
-    from accelerate import PartialState
+    # Rank 0 makes and locks the folder, as one process does (two launches in the same second must not
+    # share one), and hands its name to the others; a runs folder that cannot take it stops every rank
+    # with rank 0's message at once, rather than leaving the others waiting for a name.
     from accelerate.utils import broadcast_object_list
 
-    PartialState()
-    broadcast_object_list(name, from_process=0)
-    return Path(name[0]), False
+    _ranks()
+    answer: list[Any] = [None]
+    failure = None
+    if is_main:
+        try:
+            answer[0] = str(runs.new_run_dir(cfg.model.name))
+        except RunError as exc:
+            failure, answer[0] = exc, RunError(str(exc))
+    broadcast_object_list(answer, from_process=0)
+    if failure is not None:
+        raise failure
+    if isinstance(answer[0], RunError):
+        raise answer[0]
+    return Path(answer[0]), is_main
+
+
+def _ranks() -> Any:
+    """accelerate's view of the processes of this run, joined before the Trainer joins them.
+
+    On a CPU accelerate joins the ranks (gloo) only when told it runs on the CPU: a plain PartialState()
+    there is one process on its own, whose broadcasts and waits do nothing.
+    """
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _readable_as_umask_allows(folder: Path) -> None:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,39 @@ def test_a_launchers_mixed_precision_does_not_override_the_precision_asked(tiny_
     train.run(tiny_config(tiny_model_dir, facts_file, tmp_path / "run", **{"training.max_steps": 1}),
               extra_callbacks=[Precision()])
     assert seen == {"mixed_precision": "no"}
+
+
+_NAME_A_RUN = """
+import json, os, sys, time
+from lora_cli import train
+from lora_cli.config import build_config
+
+cfg = build_config(None, {"model.name": "tiny", "data.path": sys.argv[1]})
+import accelerate, torch.distributed  # imported before the agreed moment, which is then the same second
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+path, made_here = train._agree_on_run_dir(cfg, 2, os.environ["RANK"] == "0")
+print(json.dumps([str(path), made_here, path.is_dir()]), flush=True)
+torch.distributed.barrier()  # rank 0 keeps the folder's lock until its partner has looked
+"""
+
+
+def test_two_launches_started_in_the_same_second_get_a_run_folder_each(facts_file, tmp_path):
+    """Without --output-dir, rank 0 makes and locks the dated folder and hands its name to the other rank: two
+    2-process launches naming their folders at the same moment must not share one."""
+    launcher = _torchrun()[:-2]  # torchrun, 2 processes, standalone: a rendezvous of its own for each launch
+    worker = tmp_path / "name_a_run.py"
+    worker.write_text(_NAME_A_RUN)
+    runs_root = tmp_path / "runs"
+    env = {**os.environ, "LORA_RUNS_DIR": str(runs_root), "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    start = float(int(time.time()) + 20) + 0.1  # a moment well inside one second, once every process has imported
+    procs = [subprocess.Popen([*launcher, str(worker), str(facts_file), str(start)], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _launch in range(2)]
+    results = [proc.communicate(timeout=180) for proc in procs]
+    for proc in procs:
+        assert proc.returncode == 0, "\n".join(err[:3000] for _out, err in results)
+    launches = [sorted(json.loads(line) for line in out.splitlines() if line.startswith("[")) for out, _err in results]
+    for ranks in launches:  # one answer per rank; they agree, and rank 0 (only) made the folder
+        assert len(ranks) == 2 and ranks[0][0] == ranks[1][0], launches
+        assert sorted(made for _path, made, _exists in ranks) == [False, True] and all(e for *_, e in ranks)
+    assert launches[0][0][0] != launches[1][0][0]  # the launches do not share one
+    assert sorted(p.name for p in runs_root.iterdir()) == sorted(Path(r[0][0]).name for r in launches)
