@@ -58,9 +58,13 @@ def new_run_dir(model_name: str, reserve: bool = True) -> Path:
         raise RunError(f"the runs folder {root} cannot take a new run ({exc.strerror or exc}); make it writable, "
                        "set LORA_RUNS_DIR, or pass --output-dir") from None
     if reserve:
-        _made[str(path)] = made
+        _made[str(path.resolve())] = made  # remove_if_empty looks it up resolved
         try:
             lock_run(path)
+        except OSError as exc:  # the lock file cannot be written (a full disk, a quota)
+            remove_if_empty(path, remove_folder=True)
+            raise RunError(f"the runs folder {root} cannot take a new run ({exc.strerror or exc}); free space or "
+                           "make it writable, set LORA_RUNS_DIR, or pass --output-dir") from None
         except RunError:
             remove_if_empty(path, remove_folder=True)
             raise

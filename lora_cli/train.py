@@ -441,14 +441,16 @@ def _agree_on_run_dir(cfg: TrainConfig, world_size: int, is_main: bool) -> tuple
     # with rank 0's message at once, rather than leaving the others waiting for a name.
     from accelerate.utils import broadcast_object_list
 
-    _ranks()
+    if _ranks().num_processes != world_size:  # nothing to hand the name over with
+        raise RunError(f"WORLD_SIZE is {world_size} but the processes are not joined; start them with "
+                       "`accelerate launch` or `torchrun`, or pass --output-dir")
     answer: list[Any] = [None]
     failure = None
     if is_main:
         try:
             answer[0] = str(runs.new_run_dir(cfg.model.name))
-        except RunError as exc:
-            failure, answer[0] = exc, RunError(str(exc))
+        except Exception as exc:  # every rank stops with it, none waits for a name that never comes
+            failure, answer[0] = exc, RunError(f"rank 0 could not make the run folder: {exc}")
     broadcast_object_list(answer, from_process=0)
     if failure is not None:
         raise failure

@@ -317,6 +317,12 @@ def test_a_run_that_fails_before_writing_leaves_no_folder(workdir, tiny_model_di
         train.run(cfg)
     assert not (workdir / "runs").exists()  # nor the runs folder it made for the run
 
+    monkeypatch.chdir(workdir)  # the same with a relative runs folder, as the default `runs` is
+    monkeypatch.setenv("LORA_RUNS_DIR", "made/runs")
+    with pytest.raises(DataError):
+        train.run(cfg)
+    assert not (workdir / "made").exists()
+
 
 def test_resume_refuses_data_that_changed_since_the_run_started(workdir, tiny_model_dir, facts_file):
     from lora_cli import train
