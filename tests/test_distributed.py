@@ -188,7 +188,9 @@ cfg = build_config(None, {"model.name": "tiny", "data.path": sys.argv[1]})
 import accelerate, torch.distributed  # imported before the agreed moment, which is then the same second
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
 path, made_here = train._agree_on_run_dir(cfg, 2, os.environ["RANK"] == "0")
-print(json.dumps([str(path), made_here, path.is_dir()]), flush=True)
+# a file per rank: the launcher mixes the ranks' output, and two lines can come out as one
+with open(f"{sys.argv[3]}-{os.environ['RANK']}.json", "w") as out:
+    json.dump([str(path), made_here, path.is_dir()], out)
 torch.distributed.barrier()  # rank 0 keeps the folder's lock until its partner has looked
 """
 
@@ -202,12 +204,14 @@ def test_two_launches_started_in_the_same_second_get_a_run_folder_each(facts_fil
     runs_root = tmp_path / "runs"
     env = {**os.environ, "LORA_RUNS_DIR": str(runs_root), "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
     start = float(int(time.time()) + 20) + 0.1  # a moment well inside one second, once every process has imported
-    procs = [subprocess.Popen([*launcher, str(worker), str(facts_file), str(start)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _launch in range(2)]
+    procs = [subprocess.Popen([*launcher, str(worker), str(facts_file), str(start), str(tmp_path / f"launch{i}")],
+                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
     results = [proc.communicate(timeout=180) for proc in procs]
     for proc in procs:
         assert proc.returncode == 0, "\n".join(err[:3000] for _out, err in results)
-    launches = [sorted(json.loads(line) for line in out.splitlines() if line.startswith("[")) for out, _err in results]
+    launches = [sorted(json.loads((tmp_path / f"launch{i}-{rank}.json").read_text()) for rank in (0, 1))
+                for i in range(2)]
     for ranks in launches:  # one answer per rank; they agree, and rank 0 (only) made the folder
         assert len(ranks) == 2 and ranks[0][0] == ranks[1][0], launches
         assert sorted(made for _path, made, _exists in ranks) == [False, True] and all(e for *_, e in ranks)
