@@ -31,43 +31,39 @@ def runs_root() -> Path:
     return Path(os.environ.get("LORA_RUNS_DIR", "runs"))
 
 
-def new_run_dir(model_name: str, reserve: bool = True) -> Path:
-    """A fresh run folder under the runs root, made and locked here (`reserve`): two runs started in the
-    same second (a sweep) each get their own. An empty folder is removed again if the run fails before it
-    writes anything (see remove_if_empty). Without `reserve`, only a name not taken yet."""
+def new_run_dir(model_name: str) -> Path:
+    """A fresh run folder under the runs root, made and locked here: two runs started in the same second (a
+    sweep, or two launches of several processes, whose rank 0 calls this) each get their own. An empty
+    folder is removed again if the run fails before it writes anything (see remove_if_empty)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model_name).name)[:40]
     root = runs_root()
-    made: list[Path] = []
     suffix = 1
     path = root / f"{stamp}-{safe}"
+
+    def cannot_take(exc: OSError) -> RunError:
+        return RunError(f"the runs folder {root} cannot take a new run ({exc.strerror or exc}); make it writable "
+                        "or free space, set LORA_RUNS_DIR, or pass --output-dir")
+
     try:
-        if reserve:
-            made = [p for p in (root, *root.parents) if not p.exists()]  # innermost first, as they are removed
-            root.mkdir(parents=True, exist_ok=True)
+        made = [p for p in (root, *root.parents) if not p.exists()]  # innermost first, as they are removed
+        root.mkdir(parents=True, exist_ok=True)
         while True:
-            if reserve:
-                with contextlib.suppress(FileExistsError):
-                    path.mkdir()  # atomic: of two runs asking for one name, one gets it
-                    break
-            elif not path.exists():
+            with contextlib.suppress(FileExistsError):
+                path.mkdir()  # atomic: of two runs asking for one name, one gets it
                 break
             suffix += 1
             path = root / f"{stamp}-{safe}-{suffix}"
     except OSError as exc:
-        raise RunError(f"the runs folder {root} cannot take a new run ({exc.strerror or exc}); make it writable, "
-                       "set LORA_RUNS_DIR, or pass --output-dir") from None
-    if reserve:
-        _made[str(path.resolve())] = made  # remove_if_empty looks it up resolved
-        try:
-            lock_run(path)
-        except OSError as exc:  # the lock file cannot be written (a full disk, a quota)
-            remove_if_empty(path, remove_folder=True)
-            raise RunError(f"the runs folder {root} cannot take a new run ({exc.strerror or exc}); free space or "
-                           "make it writable, set LORA_RUNS_DIR, or pass --output-dir") from None
-        except RunError:
-            remove_if_empty(path, remove_folder=True)
+        raise cannot_take(exc) from None
+    _made[str(path.resolve())] = made  # remove_if_empty looks it up resolved
+    try:
+        lock_run(path)
+    except (OSError, RunError) as exc:  # OSError: the lock file cannot be written (a full disk, a quota)
+        remove_if_empty(path, remove_folder=True)
+        if isinstance(exc, RunError):
             raise
+        raise cannot_take(exc) from None
     return path
 
 
