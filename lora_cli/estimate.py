@@ -169,7 +169,7 @@ def _weights_bytes(base_params: int, linears, quantization, p: int) -> int:
 
 
 def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dora, lora_dropout, packing,
-                      checkpointing, cpu, chunked_loss) -> dict:
+                      checkpointing, cpu, chunked_loss, fused=False) -> dict:
     """Peak activation memory of one training step of a LLaMA decoder with SDPA attention, as `lora train` runs it.
 
     Formula: the tensors autograd saves in transformers' LlamaDecoderLayer, counted one by one and
@@ -192,6 +192,9 @@ def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dor
     peak at the start of the backward pass. With `lora train`'s chunked loss only one chunk of rows
     exists at a time (logits p, log-probabilities 4, probabilities p bytes a cell) plus the saved
     gradient of the hidden states, T*h*p. Plus one layer's worth for the backward pass itself.
+    `fused` (lora_cli/fused_layers.py, bf16 on a CPU): each RMSNorm keeps its normalized input in the
+    compute dtype and one fp32 scale a token, h*p + 4, and plain LoRA layers (no dropout, no DoRA) keep
+    the input they share with their neighbours, p bytes, once a layer and group, as in fp32.
     Gradient checkpointing keeps only each layer's input, T*h (fp32 when quantized: the upcast
     embeddings make the residual stream fp32), and recomputes one layer at a time.
     """
@@ -200,7 +203,9 @@ def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dor
     tokens = batch * seq
     mask_row = tokens if packing else seq
     attention = heads * min(seq, EAGER_MAX_TOKENS) * p if cpu and packing else mask_row * p
-    base = 2 * h * 4 + 4 * 4 + 4 * attn * p + heads * 4 + attention + 3 * inter * p
+    norm = h * p + 4 if fused else h * 4
+    base = 2 * norm + 4 * 4 + 4 * attn * p + heads * 4 + attention + 3 * inter * p
+    shared_inputs = p == 4 or (fused and lora_dropout == 0 and not use_dora)
     mask_bytes = 4 if cpu else 1
     extra: dict[str, int] = {}
     kept: set[tuple[str, str]] = set()  # (layer, tensor) an fp32 run already keeps: shared inputs count once
@@ -210,11 +215,11 @@ def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dor
         layer = ".".join(parts[:-2]) if "layers" in parts else "outside"
         group = INPUT_GROUP.get(parts[-1], name)
         add = r * 4
-        if p != 4:
+        if not shared_inputs:
             add += fan_in * p
         elif lora_dropout > 0 or (layer, group) not in kept:
             kept.add((layer, group))
-            add += fan_in * 4
+            add += fan_in * p
         if lora_dropout > 0:
             add += fan_in * mask_bytes
         if use_dora:
@@ -228,7 +233,7 @@ def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dor
             extra[layer] = extra.get(layer, 0) + sum(w * b for g, (w, b) in width.items() if (layer, g) not in kept)
     in_layers = [v for k, v in extra.items() if k != "outside"]
     one_layer = tokens * (base + max(in_layers, default=0))
-    shared = tokens * (h * 4 + mask_row + extra.get("outside", 0))  # final norm input, bool mask, non-layer LoRA
+    shared = tokens * (norm + mask_row + extra.get("outside", 0))  # final norm input, bool mask, non-layer LoRA
     if checkpointing:
         kept_layers = layers * tokens * h * (4 if quantization else p) + one_layer
     else:
@@ -272,7 +277,7 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
              max_seq_len: int = 512, gradient_checkpointing: bool = False, compute_dtype: str = "bf16",
              device: str = "cuda", lora_dropout: float = 0.05, packing: bool = True,
              chunked_loss: bool | None = None, model: str | None = None, int8_backward: bool = False,
-             packed_weights: bool = False) -> dict:
+             packed_weights: bool = False, fused_layers: bool = False) -> dict:
     """Parameter counts and peak training memory of `lora train` for LoRA/QLoRA on a transformers config.
 
     `lora_dropout` and `packing` default to `lora train`'s defaults; bf16/fp16 compute is taken to
@@ -281,6 +286,7 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
     `model` names the model in the report. `int8_backward`: an int8 copy of each frozen projection
     (and a scale per input feature) for the input gradients (lora_cli/int8_backward.py). `packed_weights`:
     two copies of each frozen bf16 projection in oneDNN's layout, for bf16 on a CPU (lora_cli/packed_weights.py).
+    `fused_layers`: RMSNorm and LoRA as lora_cli/fused_layers.py runs them (bf16 on a CPU).
     """
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"Quantization must be 4bit, 8bit or none, not '{quantization}'.")
@@ -299,7 +305,8 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
     def activations(batch: int, checkpointing: bool = gradient_checkpointing, cpu: bool = kind == "cpu") -> int:
         return sum(_activation_parts(shape, adapted, batch=batch, seq=max_seq_len, p=p, r=r, quantization=quantization,
                                      use_dora=use_dora, lora_dropout=lora_dropout, packing=packing,
-                                     checkpointing=checkpointing, cpu=cpu, chunked_loss=chunked_loss).values())
+                                     checkpointing=checkpointing, cpu=cpu, chunked_loss=chunked_loss,
+                                     fused=fused_layers and cpu).values())
 
     act_ckpt, act_full = activations(batch_size, True), activations(batch_size, False)
     memory = {
@@ -335,7 +342,7 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
         "lora_dropout": float(lora_dropout), "quantization": quantization, "batch_size": batch_size,
         "max_seq_len": max_seq_len, "packing": bool(packing), "gradient_checkpointing": bool(gradient_checkpointing),
         "compute_dtype": compute_dtype, "device": kind, "int8_backward": bool(int8_backward),
-        "packed_weights": bool(packed_weights),
+        "packed_weights": bool(packed_weights), "fused_layers": bool(fused_layers),
         "base_params": base_params, "total_params": total, "trainable_params": trainable,
         "trainable_share": trainable / total,
         "memory": memory,
@@ -384,6 +391,7 @@ def estimate_run(cfg: Any, model_config: Any, *, compute_dtype: str, device: str
     """The estimate for a `lora train` configuration: the one place its options become estimate() arguments.
     `max_seq_len` replaces --max-seq-len where the data is known to be shorter. `packed_weights`: None counts
     them where they apply (`lora train` leaves them out where they would not leave room, train.check_memory)."""
+    from lora_cli import fused_layers
     from lora_cli import packed_weights as packed
     from lora_cli.models import resolve_int8_backward, sharded_engine
 
@@ -396,4 +404,5 @@ def estimate_run(cfg: Any, model_config: Any, *, compute_dtype: str, device: str
                     chunked_loss=False if sharded_engine() else None, model=model or cfg.model.name,
                     int8_backward=int8_backward,
                     packed_weights=packed.applies(compute_dtype, cfg.model.quantization, device)
-                    if packed_weights is None else packed_weights)
+                    if packed_weights is None else packed_weights,
+                    fused_layers=fused_layers.applies(compute_dtype, cfg.model.quantization, device))

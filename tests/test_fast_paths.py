@@ -529,3 +529,147 @@ def test_inference_packs_the_forward_layout_only_where_it_applies_and_fits(tiny_
             base = model(input_ids=ids).logits
     assert not torch.equal(base, plain)
     assert packed_weights.disable(model) == 22
+
+
+def _relative_error(value, reference):
+    return ((value.float() - reference.float()).norm() / reference.float().norm()).item()
+
+
+def test_fused_layers_train_as_close_to_fp32_as_the_plain_bf16_layers_and_disable_restores_them(tiny_model_dir):
+    """RMSNorm, the rotary embedding and LoRA in fewer passes (lora_cli/fused_layers.py) compute the plain
+    layers' math: against an fp32 run of the same weights, the bf16 loss and every LoRA gradient are as
+    close as the plain bf16 layers' are; and `disable` gives back the plain layers, bit for bit."""
+    from transformers.models.llama import modeling_llama
+
+    from lora_cli import fused_layers
+
+    batch = _packed_batch([17, 30, 1, 9], masked_prefix=5)
+    model = _lora_model(tiny_model_dir, attention=packed_attention.register())
+    for param in model.parameters():  # values bf16 holds exactly, so the fp32 run is the same model
+        param.data = param.data.to(torch.bfloat16).float()
+
+    def loss_and_grads(bf16):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            value = model(**batch).loss
+        value.backward()
+        return value.detach().float(), _lora_grads(model)
+
+    exact_loss, exact = loss_and_grads(bf16=False)
+    for param in model.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    plain_loss, plain = loss_and_grads(bf16=True)
+    original_rotary = modeling_llama.apply_rotary_pos_emb
+    # 2 layers x 2 norms + the final norm; q and v of 2 layers; Llama's rotary function
+    assert fused_layers.enable(model) == {"norms": 5, "rotary": 1, "lora": 4}
+    fused_loss, fused = loss_and_grads(bf16=True)
+
+    assert abs(fused_loss - exact_loss) <= 2 * abs(plain_loss - exact_loss) + 1e-3
+    for name in exact:
+        assert exact[name].abs().sum() > 0  # every adapter is reached
+        assert _relative_error(fused[name], exact[name]) <= 1.5 * _relative_error(plain[name], exact[name]) + 2e-3, name
+    assert fused_layers.disable(model) == 10
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert modeling_llama.apply_rotary_pos_emb is original_rotary
+    again_loss, again = loss_and_grads(bf16=True)
+    assert torch.equal(again_loss, plain_loss) and all(torch.equal(again[n], plain[n]) for n in plain)
+
+
+def test_each_fused_layer_computes_its_plain_layers_values_and_gradients():
+    """Each piece alone, against transformers' and PEFT's own layers computed in fp32: the fused RMSNorm's
+    output is the plain bf16 one, its input gradient as close; the rotary embedding is right for any
+    cos/sin (halves that differ too) forward and backward; LoRA's fused sum is PEFT's, base and adapter,
+    and with the adapter switched off it is the base layer alone."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.models.llama import modeling_llama
+
+    from lora_cli import fused_layers
+
+    generator = torch.Generator().manual_seed(0)
+    norm = modeling_llama.LlamaRMSNorm(64, eps=1e-6).to(torch.bfloat16).requires_grad_(False)
+    norm.weight.copy_(torch.rand(64, generator=generator) + 0.5)
+    x = (torch.randn(3, 11, 64, generator=generator) * 3).to(torch.bfloat16)
+    grad = torch.randn(3, 11, 64, generator=generator).to(torch.bfloat16)
+
+    def norm_out_and_grad(module, inputs):
+        inputs = inputs.detach().requires_grad_()
+        out = module(inputs)
+        return out, torch.autograd.grad(out, inputs, grad.to(out.dtype))[0]
+
+    reference = modeling_llama.LlamaRMSNorm(64, eps=1e-6)
+    reference.weight.data = norm.weight.float()
+    exact_out, exact_grad = norm_out_and_grad(reference, x.float())
+    plain_out, plain_grad = norm_out_and_grad(norm, x)
+    assert fused_layers.enable(norm) == {"norms": 1, "rotary": 1, "lora": 0}  # modeling_llama's rotary too
+    fused_out, fused_grad = norm_out_and_grad(norm, x)
+    fused_layers.disable(norm)
+    assert fused_out.dtype == torch.bfloat16 and torch.allclose(fused_out, plain_out, rtol=2 ** -7, atol=0)
+    assert _relative_error(fused_grad, exact_grad) <= 1.5 * _relative_error(plain_grad, exact_grad) + 1e-3
+
+    # the rotary embedding, through the function the attention layers call once a model is enabled
+    model = torch.nn.Sequential(modeling_llama.LlamaRMSNorm(8))
+    original = modeling_llama.apply_rotary_pos_emb
+    q = torch.randn(1, 4, 9, 16, generator=generator, requires_grad=True)
+    k = torch.randn(1, 2, 9, 16, generator=generator, requires_grad=True)
+    cos, sin = torch.randn(1, 9, 16, generator=generator), torch.randn(1, 9, 16, generator=generator)
+    grads = torch.randn(1, 4, 9, 16, generator=generator), torch.randn(1, 2, 9, 16, generator=generator)
+
+    def rotary_out_and_grads(function):
+        outs = function(q, k, cos, sin)
+        return outs, torch.autograd.grad(outs, (q, k), grads)
+
+    exact_outs, exact_grads = rotary_out_and_grads(original)
+    assert fused_layers.enable(model)["rotary"] == 1
+    assert modeling_llama.apply_rotary_pos_emb is not original
+    fused_outs, fused_grads = rotary_out_and_grads(modeling_llama.apply_rotary_pos_emb)
+    fused_layers.disable(model)
+    assert modeling_llama.apply_rotary_pos_emb is original
+    for fused_value, exact_value in zip(fused_outs + fused_grads, exact_outs + exact_grads):
+        torch.testing.assert_close(fused_value, exact_value, rtol=1e-5, atol=1e-5)
+
+    # LoRA: the fused sum in fp32 is PEFT's to rounding, and an adapter switched off is not added
+    base = torch.nn.Sequential(torch.nn.Linear(16, 12))
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
+    inputs = torch.randn(2, 5, 16, generator=generator)
+
+    def lora_out_and_grads():
+        out = lora(inputs)
+        trained = [p for p in lora.parameters() if p.requires_grad]
+        return out, torch.autograd.grad(out, trained, torch.ones_like(out))
+
+    peft_out, peft_grads = lora_out_and_grads()
+    with lora.disable_adapter():
+        base_out = lora(inputs)
+    assert fused_layers.enable(lora)["lora"] == 1
+    fused_out, fused_grads = lora_out_and_grads()
+    with lora.disable_adapter():
+        torch.testing.assert_close(lora(inputs), base_out, rtol=0, atol=0)
+    fused_layers.disable(lora)
+    torch.testing.assert_close(fused_out, peft_out, rtol=1e-5, atol=1e-6)
+    for fused_grad, peft_grad in zip(fused_grads, peft_grads):
+        torch.testing.assert_close(fused_grad, peft_grad, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(peft_out, base_out)  # the adapter adds something to test
+
+
+def test_fused_layers_leave_alone_what_they_would_not_compute_exactly(tiny_model_dir):
+    """LoRA with dropout or DoRA keeps PEFT's forward, a norm that is not Llama's RMSNorm (Gemma's adds 1 to
+    its weight) keeps its own, and nothing is fused but bf16 training on a CPU with plain weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    from lora_cli import fused_layers
+
+    for extra in ({"lora_dropout": 0.1}, {"use_dora": True}):
+        model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 12)),
+                               LoraConfig(r=4, target_modules=["0"], **extra))
+        assert fused_layers.enable(model)["lora"] == 0, extra
+    gemma = GemmaForCausalLM(GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    gemma.requires_grad_(False)
+    assert fused_layers.enable(gemma)["norms"] == 0
+    fused_layers.disable(gemma)
+    assert fused_layers.applies("bf16", None, "cpu")
+    assert not fused_layers.applies("fp32", None, "cpu")
+    assert not fused_layers.applies("bf16", None, "cuda")
+    assert not fused_layers.applies("bf16", "4bit", "cpu")

@@ -370,11 +370,13 @@ def test_a_named_layer_held_in_a_fused_one_is_refused_by_train_and_estimate_alik
 
 
 def test_bf16_on_a_cpu_trains_on_packed_weights_and_hands_back_a_plain_model(tiny_model_dir, tmp_path, caplog):
-    """The run says it packed the frozen projections, learns as ever, and the model it returns has plain
-    layers again: a caller that merges the adapter into the base must not meet stale packed copies."""
+    """The run says it packed the frozen projections and fused the norms, LoRA layers and rotary embedding,
+    learns as ever, and the model it returns has plain layers again: a caller that merges the adapter into
+    the base must not meet stale packed copies."""
     from conftest import FACTS
+    from transformers.models.llama import modeling_llama
 
-    from lora_cli import packed_weights
+    from lora_cli import fused_layers, packed_weights
 
     if torch.cuda.is_available() or not packed_weights.applies("bf16", None, "cpu"):
         pytest.skip("packed weights are for bf16 on a CPU with native bf16 kernels")
@@ -384,9 +386,12 @@ def test_bf16_on_a_cpu_trains_on_packed_weights_and_hands_back_a_plain_model(tin
         result = train.run(tiny_config(tiny_model_dir, data, tmp_path / "run", **{"model.precision": "bf16",
                                                                                   "training.max_steps": 12}))
     assert "14 frozen projections packed for oneDNN" in caplog.text
+    assert "fused: 5 RMSNorms, 14 LoRA layers, the rotary embedding" in caplog.text  # lora_cli/fused_layers.py
     values = losses(result.run_dir)
     assert values[-1] < values[0]
     assert packed_weights.disable(result.model) == 0  # nothing packed is left to undo
+    assert fused_layers.disable(result.model) == 0  # nor fused, the rotary embedding's function included
+    assert modeling_llama.apply_rotary_pos_emb.__module__ == modeling_llama.__name__
 
 
 def test_packed_weights_are_left_out_where_the_processes_on_this_machine_would_not_leave_room(

@@ -1,0 +1,231 @@
+"""bf16 training on a CPU: RMSNorm, the rotary embedding and LoRA's added product in fewer passes over memory.
+
+After the matmuls, a bf16 training step on a CPU is hundreds of small elementwise kernels, each a pass
+over a (tokens x hidden) tensor, and the passes, not the arithmetic, are what they cost:
+- transformers' RMSNorm casts to fp32, squares, averages, multiplies, casts back and multiplies by the
+  weight, and its autograd backward takes about ten passes;
+- the rotary embedding builds `rotate_half(x)` from two slices, a negation and a concatenation, and the
+  slices' backward writes a zero tensor for each half;
+- PEFT's LoRA casts its input to fp32 (autocast casts it back to bf16 for the matmul), then scales the
+  product and adds it to the frozen layer's output in two more passes, forward and backward.
+
+Here each is one autograd function or one fused kernel, with the same math:
+- RMSNorm: one fp32-accumulated pass for the norm, the normalized values rounded to bf16 as
+  transformers rounds them, times the weight (3 passes); the backward in 5;
+- the rotary embedding: `x*cos + roll(x)*sin'`, the sign of `rotate_half` folded into `sin'` once per
+  forward (3 passes, `addcmul` rounding once where transformers rounds twice); the backward is
+  `g*cos + roll(g)*sin''` (3 passes);
+- LoRA: `addmm(base(x), x @ A.T, B.T, alpha=scaling)` in the compute dtype (the product accumulated
+  in fp32 and rounded once).
+
+Only code that is transformers' own Llama code (compared by bytecode) and plain LoRA layers (one adapter,
+no dropout, no DoRA) are touched; anything else keeps its forward. `disable` puts every forward back.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any
+
+
+def applies(precision: str, quantization: str | None, device: str) -> bool:
+    """bf16 training on a CPU with plain (not quantized or sharded) layers: where this was measured to pay."""
+    from lora_cli.models import sharded_engine
+
+    return device == "cpu" and precision == "bf16" and quantization is None and not sharded_engine()
+
+
+def enable(model: Any) -> dict[str, int]:
+    """Give the model's RMSNorms, rotary embeddings and LoRA layers their fused forms; returns how many of each.
+
+    The rotary embedding is a function of the modeling module (`modeling_llama.apply_rotary_pos_emb`), not
+    of a layer: that module's function is replaced, for every model of that architecture in this process,
+    until `disable`. It computes the same values, so a model that was not enabled loses nothing.
+    """
+    counts = {"norms": 0, "rotary": 0, "lora": 0}
+    for module in model.modules():
+        if _is_llama_rms_norm(module):
+            module.forward = functools.partial(_rms_norm_forward, module)
+            counts["norms"] += 1
+        elif _is_plain_lora_linear(module):
+            module.forward = functools.partial(_lora_forward, module, module.active_adapters[0])
+            counts["lora"] += 1
+    for code in _modeling_modules(model):
+        if code.__dict__.get("apply_rotary_pos_emb") is _rotary:
+            counts["rotary"] += 1
+        elif _same_code(getattr(code, "apply_rotary_pos_emb", None), _llama().apply_rotary_pos_emb) \
+                and _same_code(getattr(code, "rotate_half", None), _llama().rotate_half):
+            _replaced_rotary[code] = code.apply_rotary_pos_emb
+            code.apply_rotary_pos_emb = _rotary
+            counts["rotary"] += 1
+    return counts
+
+
+def disable(model: Any) -> int:
+    """Every fused forward back to its own; returns how many layers and functions were changed."""
+    restored = 0
+    for module in model.modules():
+        forward = vars(module).get("forward")
+        if isinstance(forward, functools.partial) and forward.func in (_rms_norm_forward, _lora_forward):
+            del module.forward
+            restored += 1
+    for code in _modeling_modules(model):
+        if code in _replaced_rotary:
+            code.apply_rotary_pos_emb = _replaced_rotary.pop(code)
+            restored += 1
+    return restored
+
+
+_replaced_rotary: dict[Any, Any] = {}  # modeling module -> its own apply_rotary_pos_emb
+
+
+@functools.cache
+def _llama() -> Any:
+    from transformers.models.llama import modeling_llama
+
+    return modeling_llama
+
+
+def _same_code(function: Any, reference: Any) -> bool:
+    """The same bytecode, names and constants (docstrings aside): transformers' "Copied from" functions are."""
+    code, ref = getattr(function, "__code__", None), reference.__code__
+    if code is None:
+        return False
+
+    def constants(c: Any) -> tuple:
+        return tuple(value for value in c.co_consts if not isinstance(value, str))
+
+    return code.co_code == ref.co_code and code.co_names == ref.co_names and constants(code) == constants(ref)
+
+
+def _modeling_modules(model: Any) -> list[Any]:
+    names = {type(module).__module__ for module in model.modules()}
+    return [sys.modules[name] for name in sorted(names) if name in sys.modules]
+
+
+# --- RMSNorm -------------------------------------------------------------------------------------------
+
+def _is_llama_rms_norm(module: Any) -> bool:
+    weight = getattr(module, "weight", None)
+    return (_same_code(type(module).forward, _llama().LlamaRMSNorm.forward)
+            and hasattr(module, "variance_epsilon") and weight is not None and not weight.requires_grad
+            and "forward" not in vars(module))
+
+
+def _rms_norm_forward(module: Any, hidden: Any) -> Any:
+    return _rms_norm_function().apply(hidden, module.weight, module.variance_epsilon)
+
+
+@functools.cache
+def _rms_norm_function() -> Any:
+    import torch
+
+    class RMSNorm(torch.autograd.Function):
+        """weight * bf16(x / rms(x)), the rms in fp32: transformers' LlamaRMSNorm, for a frozen weight."""
+
+        @staticmethod
+        def forward(ctx: Any, x: Any, weight: Any, eps: float) -> Any:
+            width = x.shape[-1]
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+            inverse_rms = torch.rsqrt(norm.square_().div_(width).add_(eps))
+            # the fp32 product written straight into x's dtype: one pass, the rounding transformers does
+            normalized = torch.mul(x, inverse_rms, out=torch.empty_like(x))
+            ctx.save_for_backward(normalized, inverse_rms, weight)
+            return weight * normalized
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> tuple[Any, None, None]:
+            normalized, inverse_rms, weight = ctx.saved_tensors
+            # d/dx of n = x * r: r * (g' - n * mean(g' * n)), with g' = grad * weight
+            scaled = torch.mul(grad, weight.float())
+            mean = torch.mul(scaled, normalized).sum(-1, keepdim=True).div_(normalized.shape[-1])
+            scaled.addcmul_(normalized, mean, value=-1)
+            return torch.mul(scaled, inverse_rms, out=torch.empty_like(normalized)), None, None
+
+    return RMSNorm
+
+
+# --- rotary embedding ------------------------------------------------------------------------------------
+
+def _rotary(q: Any, k: Any, cos: Any, sin: Any, unsqueeze_dim: int = 1) -> tuple[Any, Any]:
+    """transformers' `apply_rotary_pos_emb` for Llama: `x * cos + rotate_half(x) * sin` for q and k."""
+    if cos.requires_grad or sin.requires_grad:  # never in these models; the plain formula keeps it right
+        cos, sin, rotate_half = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim), _llama().rotate_half
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    cos, forward_sin, backward_sin = _signed_sines(cos, sin, unsqueeze_dim)
+    rotate = _rotary_function().apply
+    return rotate(q, cos, forward_sin, backward_sin), rotate(k, cos, forward_sin, backward_sin)
+
+
+_last_sines: list[Any] = []  # (cos, sin, unsqueeze_dim, results): every layer of one forward shares them
+
+
+def _signed_sines(cos: Any, sin: Any, unsqueeze_dim: int) -> tuple[Any, Any, Any]:
+    """cos, and sin with rotate_half's sign and swap folded in: rotate_half(x) * sin = roll(x) * forward_sin,
+    and its transpose, roll(g * forward_sin) = roll(g) * backward_sin (roll swaps the halves of the last dim)."""
+    import torch
+
+    if _last_sines and _last_sines[0] is cos and _last_sines[1] is sin and _last_sines[2] == unsqueeze_dim:
+        return _last_sines[3]
+    first, second = sin.chunk(2, dim=-1)
+    results = (cos.unsqueeze(unsqueeze_dim), torch.cat((-first, second), dim=-1).unsqueeze(unsqueeze_dim),
+               torch.cat((second, -first), dim=-1).unsqueeze(unsqueeze_dim))
+    _last_sines[:] = [cos, sin, unsqueeze_dim, results]
+    return results
+
+
+def _roll_halves(x: Any) -> Any:
+    import torch
+
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((second, first), dim=-1)
+
+
+@functools.cache
+def _rotary_function() -> Any:
+    import torch
+
+    class Rotary(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any, cos: Any, forward_sin: Any, backward_sin: Any) -> Any:
+            ctx.save_for_backward(cos, backward_sin)
+            return torch.addcmul(x * cos, _roll_halves(x), forward_sin)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> tuple[Any, None, None, None]:
+            cos, backward_sin = ctx.saved_tensors
+            return torch.addcmul(grad * cos, _roll_halves(grad), backward_sin), None, None, None
+
+    return Rotary
+
+
+# --- LoRA ------------------------------------------------------------------------------------------------
+
+def _is_plain_lora_linear(module: Any) -> bool:
+    """A PEFT LoRA layer on an nn.Linear with one active adapter and nothing but A and B: no dropout, no
+    DoRA, no LoRA bias; the fused forward computes exactly PEFT's sum for it."""
+    import torch
+    from peft.tuners.lora import Linear
+
+    if type(module) is not Linear or "forward" in vars(module) or len(module.active_adapters) != 1:
+        return False
+    name = module.active_adapters[0]
+    return (type(module.base_layer) is torch.nn.Linear and not module.fan_in_fan_out
+            and name in module.lora_A and isinstance(module.lora_dropout[name], torch.nn.Identity)
+            and not module.use_dora.get(name, False) and not getattr(module, "lora_bias", {}).get(name, False)
+            and module.lora_A[name].bias is None and module.lora_B[name].bias is None)
+
+
+def _lora_forward(module: Any, name: str, x: Any, *args: Any, **kwargs: Any) -> Any:
+    import torch
+
+    # merged, disabled, another adapter set active, or per-row adapters asked for: PEFT's own forward
+    if args or kwargs or module.merged or module.disable_adapters or module.active_adapters != [name]:
+        return type(module).forward(module, x, *args, **kwargs)
+    out = module.base_layer(x)
+    dtype = out.dtype
+    low_rank = torch.nn.functional.linear(x.to(dtype), module.lora_A[name].weight.to(dtype))
+    summed = torch.addmm(out.reshape(-1, out.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]),
+                         module.lora_B[name].weight.to(dtype).t(), alpha=module.scaling[name])
+    return summed.view(out.shape)
