@@ -203,7 +203,7 @@ def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dor
     tokens = batch * seq
     mask_row = tokens if packing else seq
     attention = heads * min(seq, EAGER_MAX_TOKENS) * p if cpu and packing else mask_row * p
-    norm = h * p + 4 if fused else h * 4
+    norm = h * p + 4 if fused and p != 4 else h * 4
     base = 2 * norm + 4 * 4 + 4 * attn * p + heads * 4 + attention + 3 * inter * p
     shared_inputs = p == 4 or (fused and lora_dropout == 0 and not use_dora)
     mask_bytes = 4 if cpu else 1

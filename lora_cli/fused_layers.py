@@ -11,7 +11,7 @@ over a (tokens x hidden) tensor, and the passes, not the arithmetic, are what th
 
 Here each is one autograd function or one fused kernel, with the same math:
 - RMSNorm: one fp32-accumulated pass for the norm, the normalized values rounded to bf16 as
-  transformers rounds them, times the weight (3 passes); the backward in 5;
+  transformers rounds them, times the weight (3 passes); the backward in 6, in fp32 from the input;
 - the rotary embedding: `x*cos + roll(x)*sin'`, the sign of `rotate_half` folded into `sin'` once per
   forward (3 passes, `addcmul` rounding once where transformers rounds twice); the backward is
   `g*cos + roll(g)*sin''` (3 passes);
@@ -51,10 +51,11 @@ def enable(model: Any) -> dict[str, int]:
         elif _is_plain_lora_linear(module):
             module.forward = functools.partial(_lora_forward, module, module.active_adapters[0])
             counts["lora"] += 1
+    llama_rotary = _replaced_rotary.get(_llama(), _llama().apply_rotary_pos_emb)
     for code in _modeling_modules(model):
         if code.__dict__.get("apply_rotary_pos_emb") is _rotary:
             counts["rotary"] += 1
-        elif _same_code(getattr(code, "apply_rotary_pos_emb", None), _llama().apply_rotary_pos_emb) \
+        elif _same_code(getattr(code, "apply_rotary_pos_emb", None), llama_rotary) \
                 and _same_code(getattr(code, "rotate_half", None), _llama().rotate_half):
             _replaced_rotary[code] = code.apply_rotary_pos_emb
             code.apply_rotary_pos_emb = _rotary
@@ -74,6 +75,7 @@ def disable(model: Any) -> int:
         if code in _replaced_rotary:
             code.apply_rotary_pos_emb = _replaced_rotary.pop(code)
             restored += 1
+    _last_sines.clear()
     return restored
 
 
@@ -131,17 +133,20 @@ def _rms_norm_function() -> Any:
             inverse_rms = torch.rsqrt(norm.square_().div_(width).add_(eps))
             # the fp32 product written straight into x's dtype: one pass, the rounding transformers does
             normalized = torch.mul(x, inverse_rms, out=torch.empty_like(x))
-            ctx.save_for_backward(normalized, inverse_rms, weight)
+            # x, not the rounded normalized values: with a gradient along n, g' - n * mean(g' * n) cancels
+            # almost exactly, and n rounded to bf16 would leave 1% of g' where fp32 leaves nothing
+            ctx.save_for_backward(x, inverse_rms, weight)
             return weight * normalized
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> tuple[Any, None, None]:
-            normalized, inverse_rms, weight = ctx.saved_tensors
-            # d/dx of n = x * r: r * (g' - n * mean(g' * n)), with g' = grad * weight
+            x, inverse_rms, weight = ctx.saved_tensors
+            # d/dx of n = x * r: r * (g' - n * mean(g' * n)), with g' = grad * weight, all in fp32
+            normalized = torch.mul(x, inverse_rms)
             scaled = torch.mul(grad, weight.float())
-            mean = torch.mul(scaled, normalized).sum(-1, keepdim=True).div_(normalized.shape[-1])
+            mean = torch.mul(scaled, normalized).sum(-1, keepdim=True).div_(x.shape[-1])
             scaled.addcmul_(normalized, mean, value=-1)
-            return torch.mul(scaled, inverse_rms, out=torch.empty_like(normalized)), None, None
+            return torch.mul(scaled, inverse_rms, out=torch.empty_like(x)), None, None
 
     return RMSNorm
 
@@ -150,7 +155,8 @@ def _rms_norm_function() -> Any:
 
 def _rotary(q: Any, k: Any, cos: Any, sin: Any, unsqueeze_dim: int = 1) -> tuple[Any, Any]:
     """transformers' `apply_rotary_pos_emb` for Llama: `x * cos + rotate_half(x) * sin` for q and k."""
-    if cos.requires_grad or sin.requires_grad:  # never in these models; the plain formula keeps it right
+    # never in these models (cos and sin are constants, heads are even): the plain formula keeps it right
+    if cos.requires_grad or sin.requires_grad or q.shape[-1] % 2:
         cos, sin, rotate_half = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim), _llama().rotate_half
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     cos, forward_sin, backward_sin = _signed_sines(cos, sin, unsqueeze_dim)
@@ -204,7 +210,8 @@ def _rotary_function() -> Any:
 
 def _is_plain_lora_linear(module: Any) -> bool:
     """A PEFT LoRA layer on an nn.Linear with one active adapter and nothing but A and B: no dropout, no
-    DoRA, no LoRA bias; the fused forward computes exactly PEFT's sum for it."""
+    variant of LoRA's forward (DoRA and the others PEFT keeps in `lora_variant`), no LoRA bias; the fused
+    forward computes exactly PEFT's sum for it."""
     import torch
     from peft.tuners.lora import Linear
 
@@ -213,7 +220,8 @@ def _is_plain_lora_linear(module: Any) -> bool:
     name = module.active_adapters[0]
     return (type(module.base_layer) is torch.nn.Linear and not module.fan_in_fan_out
             and name in module.lora_A and isinstance(module.lora_dropout[name], torch.nn.Identity)
-            and not module.use_dora.get(name, False) and not getattr(module, "lora_bias", {}).get(name, False)
+            and not module.use_dora.get(name, False) and name not in getattr(module, "lora_variant", {})
+            and not getattr(module, "lora_bias", {}).get(name, False)
             and module.lora_A[name].bias is None and module.lora_B[name].bias is None)
 
 
@@ -221,7 +229,8 @@ def _lora_forward(module: Any, name: str, x: Any, *args: Any, **kwargs: Any) -> 
     import torch
 
     # merged, disabled, another adapter set active, or per-row adapters asked for: PEFT's own forward
-    if args or kwargs or module.merged or module.disable_adapters or module.active_adapters != [name]:
+    if (args or kwargs or module.merged or module.disable_adapters or module.active_adapters != [name]
+            or name in getattr(module, "lora_variant", {})):
         return type(module).forward(module, x, *args, **kwargs)
     out = module.base_layer(x)
     dtype = out.dtype

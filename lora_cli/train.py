@@ -186,28 +186,28 @@ def _train(cfg: TrainConfig, run_dir: Path, world_size: int, is_main: bool,
     )
     trainer.remove_callback(callbacks.ProgressCallback)
     trainer.add_callback(progress)
-    # last before training: the rotary embedding is a module-level function, put back in the `finally` below
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    fused = fused_layers.enable(model) if fused_layers.applies(precision, quantization, device) else {}
-    if is_main:
-        effective = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
-        shown = models.describe_precision(cfg.model.precision, precision)
-        shown += f" + {quantization}" if quantization else ""
-        shown += f", input gradients of {int8_projections} frozen projections in int8" if int8_projections else ""
-        shown += f", {packed_projections} frozen projections packed for oneDNN" if packed_projections else ""
-        parts = [f"{fused[k]} {label}" for k, label in (("norms", "RMSNorms"), ("lora", "LoRA layers")) if fused.get(k)]
-        parts += ["the rotary embedding"] if fused.get("rotary") else []
-        shown += ", fused: " + ", ".join(parts) if parts else ""
-        log.info("Training %s on %d rows (%s, %s): %s trainable of %s parameters (%.2f%%), "
-                 "%s, effective batch %d, lr %g -> %s", source.name, len(prepared.train), prepared.format,
-                 data.describe_rendering(prepared.format, prepared.template), f"{trainable:,}", f"{total:,}",
-                 100 * trainable / total, shown, effective, t.learning_rate, run_dir)
-
     # 5. Train; Ctrl-C saves a checkpoint and stops, a NaN loss stops before anything is saved. The
     # handler stays until the run folder is written: a signal there waits for the writing to end.
     started = time.perf_counter()
+    fused: dict[str, int] = {}
     interrupt.install()
     try:
+        # inside the try: the rotary embedding is a module-level function, and the `finally` puts it back
+        if fused_layers.applies(precision, quantization, "cuda" if torch.cuda.is_available() else "cpu"):
+            fused = fused_layers.enable(model)
+        if is_main:
+            effective = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
+            shown = models.describe_precision(cfg.model.precision, precision)
+            shown += f" + {quantization}" if quantization else ""
+            shown += f", input gradients of {int8_projections} frozen projections in int8" if int8_projections else ""
+            shown += f", {packed_projections} frozen projections packed for oneDNN" if packed_projections else ""
+            parts = [f"{fused[k]} {label}" for k, label in (("norms", "RMSNorms"), ("lora", "LoRA layers")) if fused.get(k)]
+            parts += ["the rotary embedding"] if fused.get("rotary") else []
+            shown += ", fused: " + ", ".join(parts) if parts else ""
+            log.info("Training %s on %d rows (%s, %s): %s trainable of %s parameters (%.2f%%), "
+                     "%s, effective batch %d, lr %g -> %s", source.name, len(prepared.train), prepared.format,
+                     data.describe_rendering(prepared.format, prepared.template), f"{trainable:,}", f"{total:,}",
+                     100 * trainable / total, shown, effective, t.learning_rate, run_dir)
         try:
             result = None if at_end else trainer.train(resume_from_checkpoint=resume_from)
             if at_end:
@@ -256,8 +256,10 @@ def _train(cfg: TrainConfig, run_dir: Path, world_size: int, is_main: bool,
     finally:
         interrupt.uninstall()
         # the model goes back to callers as a plain one: a merge into its weights must not meet stale packed copies
-        packed_weights.disable(model)
-        fused_layers.disable(model)
+        try:
+            packed_weights.disable(model)
+        finally:
+            fused_layers.disable(model)
     return TrainResult(run_dir, record, model=model, signalled=interrupt.signalled)
 
 
