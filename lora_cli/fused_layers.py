@@ -65,12 +65,9 @@ def enable(model: Any) -> dict[str, int]:
 
 def disable(model: Any) -> int:
     """Every fused forward back to its own; returns how many layers and functions were changed."""
-    restored = 0
-    for module in model.modules():
-        forward = vars(module).get("forward")
-        if isinstance(forward, functools.partial) and forward.func in (_rms_norm_forward, _lora_forward):
-            del module.forward
-            restored += 1
+    from lora_cli.models import restore_forwards
+
+    restored = restore_forwards(model, (_rms_norm_forward, _lora_forward))
     for code in _modeling_modules(model):
         if code in _replaced_rotary:
             code.apply_rotary_pos_emb = _replaced_rotary.pop(code)

@@ -192,6 +192,20 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, revisio
     return tok
 
 
+def restore_forwards(model: Any, functions: tuple[Any, ...]) -> int:
+    """Drop every per-layer `forward` that is a `functools.partial` of one of `functions`, so that each layer runs
+    its class's forward again (lora_cli/packed_weights.py and lora_cli/fused_layers.py set them); returns how many."""
+    import functools
+
+    restored = 0
+    for module in model.modules():
+        forward = vars(module).get("forward")
+        if isinstance(forward, functools.partial) and forward.func in functions:
+            del module.forward
+            restored += 1
+    return restored
+
+
 def sharded_engine() -> bool:
     """True under `accelerate launch` with FSDP or DeepSpeed ZeRO-3, which shard the weights themselves."""
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or \

@@ -91,13 +91,9 @@ def _frozen_projections(model: Any, training: bool) -> list[Any]:
 
 def disable(model: Any) -> int:
     """Back to plain `nn.Linear` forwards, the packed copies freed; returns how many were packed."""
-    restored = 0
-    for module in model.modules():
-        forward = vars(module).get("forward")
-        if isinstance(forward, functools.partial) and forward.func in (_forward, _forward_only):
-            del module.forward
-            restored += 1
-    return restored
+    from lora_cli.models import restore_forwards
+
+    return restore_forwards(model, (_forward, _forward_only))
 
 
 def _forward(module: Any, forward_layout: Any, backward_layout: Any, x: Any) -> Any:
