@@ -285,7 +285,8 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
     the output layer in chunks (None: as `lora train` decides for this architecture, unsharded).
     `model` names the model in the report. `int8_backward`: an int8 copy of each frozen projection
     (and a scale per input feature) for the input gradients (lora_cli/int8_backward.py). `packed_weights`:
-    two copies of each frozen bf16 projection in oneDNN's layout, for bf16 on a CPU (lora_cli/packed_weights.py).
+    two copies of each frozen bf16 projection (and of the output layer, with the chunked loss) in oneDNN's
+    layout, for bf16 on a CPU (lora_cli/packed_weights.py).
     `fused_layers`: RMSNorm and LoRA as lora_cli/fused_layers.py runs them (bf16 on a CPU).
     """
     if quantization not in QUANTIZATIONS:
@@ -312,7 +313,9 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
     memory = {
         "weights_bytes": _weights_bytes(base_params, linears, quantization, p)
         + (sum(fan_in * fan_out + fan_in * 4 for _name, fan_in, fan_out, _bias in linears) if int8_backward else 0)
-        + (2 * sum(fan_in * fan_out * 2 for _name, fan_in, fan_out, _bias in linears) if packed_weights else 0),
+        + (2 * sum(fan_in * fan_out * 2 for _name, fan_in, fan_out, _bias in linears) if packed_weights else 0)
+        # and the output layer's, for the chunked loss
+        + (2 * shape["vocab_size"] * shape["hidden_size"] * 2 if packed_weights and chunked_loss else 0),
         "lora_bytes": trainable * 4,
         "gradients_bytes": trainable * 4,
         "optimizer_bytes": trainable * 8,

@@ -41,9 +41,10 @@ def applies(precision: str, quantization: str | None, device: str) -> bool:
 def enable(model: Any, training: bool = True) -> int:
     """Give every frozen bf16 `nn.Linear` but the output layer its packed weights; returns how many.
 
-    The output layer runs inside the chunked loss (lora_cli/loss.py); LoRA's A and B are trained, so their
-    weights change every step. `training=False`: the forward layout only, for a model that computes no
-    gradients. `disable` undoes it (before anything changes the base weights, a merge say).
+    The output layer runs inside the chunked loss (lora_cli/loss.py): in training its two layouts are
+    kept on it for that loss. LoRA's A and B are trained, so their weights change every step.
+    `training=False`: the forward layout only, for a model that computes no gradients. `disable` undoes
+    it (before anything changes the base weights, a merge say).
     """
     import torch
 
@@ -59,7 +60,28 @@ def enable(model: Any, training: bool = True) -> int:
         else:
             module.forward = functools.partial(_forward_only, module, forward_layout)
         changed += 1
+    if training:
+        _pack_output_layer(model)
     return changed
+
+
+def _pack_output_layer(model: Any) -> None:
+    """The frozen bf16 output layer's two layouts, for the chunked loss (lora_cli/loss.py) to multiply through:
+    the logits chunk by chunk, then their gradient back to the hidden states (8-12% faster per chunk than
+    `torch.matmul`, which lays the 28M-cell weight out anew on every call)."""
+    import torch
+
+    from lora_cli.loss import HEAD_LAYOUTS, supports_chunked_loss
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "get_output_embeddings") or not supports_chunked_loss(base):
+        return
+    head = base.get_output_embeddings()
+    if head.weight.dtype != torch.bfloat16 or head.weight.device.type != "cpu":
+        return
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    weight = head.weight.detach()
+    setattr(head, HEAD_LAYOUTS, (reorder(weight, ROWS_HINT), reorder(weight.t(), ROWS_HINT)))
 
 
 def enable_for_inference(model: Any, precision: str, quantization: str | None) -> int:
@@ -91,8 +113,12 @@ def _frozen_projections(model: Any, training: bool) -> list[Any]:
 
 def disable(model: Any) -> int:
     """Back to plain `nn.Linear` forwards, the packed copies freed; returns how many were packed."""
+    from lora_cli.loss import HEAD_LAYOUTS
     from lora_cli.models import restore_forwards
 
+    for module in model.modules():
+        if HEAD_LAYOUTS in module.__dict__:
+            delattr(module, HEAD_LAYOUTS)
     return restore_forwards(model, (_forward, _forward_only))
 
 

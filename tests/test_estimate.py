@@ -233,9 +233,13 @@ def test_missing_local_path_is_bad_input_without_asking_the_hub():
         load_model_config("./no/such/model-folder")
 
 
-def test_packed_weights_add_two_bf16_copies_of_every_projection():
+def test_packed_weights_add_two_bf16_copies_of_every_projection_and_of_the_output_layer():
     plain = report(target_modules="qv", compute_dtype="bf16", device="cpu")
     packed = report(target_modules="qv", compute_dtype="bf16", device="cpu", packed_weights=True)
-    assert packed["memory"]["weights_bytes"] - plain["memory"]["weights_bytes"] == 2 * 2 * LLAMA_7B_LINEAR
+    head = 32000 * 4096  # the chunked loss multiplies through the output layer's packed copies too
+    assert packed["memory"]["weights_bytes"] - plain["memory"]["weights_bytes"] == 2 * 2 * (LLAMA_7B_LINEAR + head)
+    unchunked = report(target_modules="qv", compute_dtype="bf16", device="cpu", packed_weights=True,
+                       chunked_loss=False)
+    assert packed["memory"]["weights_bytes"] - unchunked["memory"]["weights_bytes"] == 2 * 2 * head
     assert packed["packed_weights"] and not plain["packed_weights"]
     assert "2 packed copies" in format_estimate(packed) and "packed copies" not in format_estimate(plain)

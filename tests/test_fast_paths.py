@@ -97,7 +97,7 @@ def _trainer(model, tmp_path, chunked):
 @pytest.mark.parametrize("num_items", [None, 57])
 def test_chunked_loss_equals_the_models_own_loss_and_lora_gradients(tiny_model_dir, tmp_path, monkeypatch,
                                                                     num_items):
-    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 7 * 300)  # 7 rows a chunk: several chunks and a partial one
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 7 * 300)  # at most 7 rows a chunk: several chunks
     batch = _packed_batch([17, 30, 1, 9], masked_prefix=5)
     results = []
     for chunked in (False, True):
@@ -133,6 +133,91 @@ def test_chunked_loss_in_bf16_is_the_models_own_bf16_loss(tiny_model_dir, tmp_pa
     assert ours == pytest.approx(ref, rel=5e-6)
     for name, grad in ref_grads.items():  # bf16 rounds the two differently; fp32 was 0.017 away
         assert (grads[name] - grad).norm() / grad.norm() < 0.012, name
+
+
+def test_a_target_whose_probability_underflows_still_gets_its_exact_loss_and_gradient():
+    """On a CPU the loss is -log of the softmax's target probability; 87 nats below the rest that is 0 in fp32."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 16, generator=generator)
+    hidden = torch.randn(5, 16, generator=generator)
+    targets = torch.tensor([1, 2, 3, 4, 5])
+    hidden[2], weight[3] = 0.0, 0.0
+    hidden[2, 0], weight[3, 0] = 30.0, -5.0  # row 2's target logit is -150
+    hidden.requires_grad_(True)
+    ours = loss.chunked_cross_entropy_sum(hidden, weight, targets)
+    ours.backward()
+    reference = torch.nn.functional.cross_entropy(hidden.detach().double() @ weight.double().t(), targets,
+                                                  reduction="none")
+    assert reference[2] > 140
+    assert ours.item() == pytest.approx(reference.sum().item(), rel=1e-6)
+    expected = torch.func.grad(lambda h: torch.nn.functional.cross_entropy(h @ weight.double().t(), targets,
+                                                                           reduction="sum"))(hidden.detach().double())
+    torch.testing.assert_close(hidden.grad.double(), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 340, 341, 342, 400, 1000])
+def test_loss_chunks_share_the_rows_evenly_within_the_chunk_size(rows):
+    vocab = 49152
+    most = loss.CHUNK_ELEMENTS // vocab
+    size = loss._chunk_rows(rows, vocab)
+    chunks = -(-rows // size)
+    assert size <= most and chunks == -(-rows // most)  # as few chunks as before, none larger
+    assert rows - (chunks - 1) * size >= size - chunks  # the last one is not a sliver
+
+
+def test_the_packed_output_layer_gives_the_chunked_loss_and_gradients_bit_for_bit(tiny_model_dir, monkeypatch):
+    from lora_cli import packed_weights
+
+    if not packed_weights.applies("bf16", None, "cpu"):
+        pytest.skip("this CPU's oneDNN has no native bf16 kernels: lora never packs here")
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 7 * 300)
+    batch = _packed_batch([17, 30, 1, 9], masked_prefix=5)
+    model = _lora_model(tiny_model_dir, attention=packed_attention.register())
+    for param in model.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    head = model.get_output_embeddings()
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        inputs = dict(batch)
+        labels = inputs.pop("labels")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value, _ = loss.trained_positions_loss(model, head, inputs, labels)
+        value.backward()
+        return value.detach(), _lora_grads(model)
+
+    plain_loss, plain = loss_and_grads()
+    packed_weights.enable(model)
+    assert hasattr(head, loss.HEAD_LAYOUTS)
+    packed_loss, packed = loss_and_grads()
+    assert torch.equal(packed_loss, plain_loss)
+    assert all(torch.equal(packed[n], plain[n]) for n in plain)
+    packed_weights.disable(model)
+    assert not hasattr(head, loss.HEAD_LAYOUTS)
+
+
+def test_the_trainer_clips_and_counts_flops_as_the_hf_trainer_does(tiny_model_dir, tmp_path):
+    """lora's Trainer clips the adapter's gradients alone and counts the parameters once; the figures are the
+    HF Trainer's own."""
+    from transformers import Trainer
+
+    batch = _packed_batch([17, 30, 1, 9], masked_prefix=5)
+    model = _lora_model(tiny_model_dir)
+    trainer = _trainer(model, tmp_path, chunked=True)
+    trainer.args.max_grad_norm = 0.01  # small enough to clip
+    trainer.compute_loss(model, dict(batch)).backward()
+    grads = _lora_grads(model)
+    expected_norm = Trainer._clip_grad_norm(trainer, model)
+    expected = _lora_grads(model)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            param.grad = grads[name].clone()
+    assert trainer._clip_grad_norm(model).item() == pytest.approx(expected_norm.item(), rel=1e-6)
+    assert expected_norm > 0.01
+    assert all(torch.equal(param.grad, expected[name]) for name, param in model.named_parameters()
+               if param.requires_grad)
+    assert trainer.floating_point_ops(batch) == Trainer.floating_point_ops(trainer, batch) > 0
 
 
 def test_a_loss_only_evaluation_uses_the_chunked_loss_and_gets_the_per_token_mean(tiny_model_dir, tmp_path,
