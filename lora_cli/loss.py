@@ -86,6 +86,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                                                                       "none", [], "")
                     else:
                         torch.matmul(logits, weight, out=grad[start:start + rows])
+                del logits, work  # a packed chunk's logits are its own tensor: gone before the next one's
         ctx.save_for_backward(grad)
         ctx.hidden_dtype = hidden.dtype
         return total
