@@ -377,6 +377,7 @@ def test_bf16_on_a_cpu_trains_on_packed_weights_and_hands_back_a_plain_model(tin
     from transformers.models.llama import modeling_llama
 
     from lora_cli import fused_layers, packed_weights
+    from lora_cli.loss import HEAD_LAYOUTS
 
     if torch.cuda.is_available() or not packed_weights.applies("bf16", None, "cpu"):
         pytest.skip("packed weights are for bf16 on a CPU with native bf16 kernels")
@@ -390,6 +391,7 @@ def test_bf16_on_a_cpu_trains_on_packed_weights_and_hands_back_a_plain_model(tin
     values = losses(result.run_dir)
     assert values[-1] < values[0]
     assert packed_weights.disable(result.model) == 0  # nothing packed is left to undo
+    assert not hasattr(result.model.get_output_embeddings(), HEAD_LAYOUTS)  # the chunked loss's copies too
     assert fused_layers.disable(result.model) == 0  # nor fused, the rotary embedding's function included
     assert modeling_llama.apply_rotary_pos_emb.__module__ == modeling_llama.__name__
 
