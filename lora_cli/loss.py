@@ -55,18 +55,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 layouts: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         device = hidden.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
-        packed = layouts is not None and dtype == torch.bfloat16 and device.type == "cpu"
+        packed_head = layouts is not None and dtype == torch.bfloat16 and device.type == "cpu"
         with torch.autocast(device.type, enabled=False):
             weight = weight.to(dtype)
             vocab = weight.shape[0]
             rows = _chunk_rows(hidden.shape[0], vocab)
+            need_grad = ctx.needs_input_grad[0]
             total = torch.zeros((), dtype=torch.float32, device=device)
-            grad = torch.empty(hidden.shape, dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
+            grad = torch.empty(hidden.shape, dtype=dtype, device=device) if need_grad else None
             for start in range(0, hidden.shape[0], rows):
                 target = targets[start:start + rows]
                 n = len(target)
                 chunk = hidden[start:start + rows].to(dtype)
-                if packed:  # a new tensor, under glibc's mmap threshold (CHUNK_ELEMENTS): heap memory, reused
+                if packed_head:
+                    # oneDNN's op returns a new tensor: a chunk stays under glibc's mmap threshold (see
+                    # _chunk_rows), so the next chunk gets the same heap memory, not fresh pages
                     logits = torch.ops.mkldnn._linear_pointwise(chunk, layouts[0], None, "none", [], "")
                 else:
                     logits = _scratch("logits", (n, vocab), dtype, device)
@@ -76,12 +79,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 work = logits if dtype == torch.float32 else _scratch("fp32", (n, vocab), torch.float32, device)
                 if work is not logits:
                     work.copy_(logits)
-                total += _softmax_in_place(work, target, chunk, weight)
+                total += _softmax_in_place(work, target, chunk, weight, need_grad)
                 if grad is not None:
                     work[torch.arange(n, device=device), target] -= 1.0
                     if work is not logits:
                         logits.copy_(work)
-                    if packed:
+                    if packed_head:
                         grad[start:start + rows] = torch.ops.mkldnn._linear_pointwise(logits, layouts[1], None,
                                                                                       "none", [], "")
                     else:
@@ -97,9 +100,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (grad * grad_total.to(grad.dtype)).to(ctx.hidden_dtype), None, None, None
 
 
-def _softmax_in_place(work: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
-                      ) -> torch.Tensor:
-    """Turn fp32 logits (rows x vocab) into their softmax in place; returns the rows' summed cross-entropy.
+def _softmax_in_place(work: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                      need_softmax: bool) -> torch.Tensor:
+    """The rows' summed cross-entropy from fp32 logits (rows x vocab), which are turned into their softmax in
+    place (on a GPU only when `need_softmax`).
 
     On a CPU, one fused softmax kernel keeps each row in cache, and the loss is -log of the target's
     probability: half the time of the max, subtract, exp, sum and divide as five passes over the chunk
@@ -112,10 +116,11 @@ def _softmax_in_place(work: torch.Tensor, target: torch.Tensor, hidden: torch.Te
         torch._softmax(work, -1, False, out=work)
         chosen = work[rows, target]
         losses = -chosen.log()
-        lost = chosen < torch.finfo(torch.float32).tiny
-        if lost.any():
-            logits = (hidden[lost] @ weight.t()).float()
-            losses[lost] = torch.logsumexp(logits, -1) - logits.gather(1, target[lost][:, None]).squeeze(1)
+        underflowed = chosen < torch.finfo(torch.float32).tiny
+        if underflowed.any():
+            logits = (hidden[underflowed] @ weight.t()).float()
+            losses[underflowed] = (torch.logsumexp(logits, -1)
+                                   - logits.gather(1, target[underflowed][:, None]).squeeze(1))
         return losses.sum()
     picked = work[rows, target]
     # log-sum-exp and softmax in place: torch.logsumexp allocates a chunk-sized temporary
@@ -123,16 +128,24 @@ def _softmax_in_place(work: torch.Tensor, target: torch.Tensor, hidden: torch.Te
     top = work.amax(dim=-1, keepdim=True)
     work.sub_(top).exp_()
     sums = work.sum(dim=-1, keepdim=True)
-    work.div_(sums)
+    if need_softmax:
+        work.div_(sums)
     return (sums.squeeze(1).log() + top.squeeze(1) - picked).sum()
 
 
 def _chunk_rows(total_rows: int, vocab: int) -> int:
-    """Rows per chunk: at most CHUNK_ELEMENTS cells, and the rows shared evenly among the chunks (400 rows go
-    as 2 x 200, not 341 + 59: a chunk of a few dozen rows multiplies at two thirds of the speed)."""
-    most = max(1, CHUNK_ELEMENTS // vocab)
+    """Rows per chunk: under CHUNK_ELEMENTS cells, and the rows shared evenly among the chunks (400 rows go
+    as 2 x 200, not 341 + 59: a chunk of a few dozen rows multiplies at two thirds of the speed).
+
+    A 1/256 margin keeps a bf16 chunk of logits, allocator overhead included, under the 32 MiB (CHUNK_ELEMENTS
+    bf16 cells) that lora_cli/cpu.py sets as glibc's mmap threshold: at a vocabulary that divides 2^24
+    (32,768 say) a full chunk would be mapped and unmapped, its pages faulted in anew, at every chunk.
+    """
+    most = max(1, CHUNK_ELEMENTS * 255 // 256 // vocab)
+    if total_rows == 0:
+        return most
     chunks = -(-total_rows // most)
-    return max(1, -(-total_rows // chunks))
+    return -(-total_rows // chunks)
 
 
 _SCRATCH: dict[tuple[str, torch.dtype], torch.Tensor] = {}
@@ -207,28 +220,28 @@ class LoraTrainer(Trainer):
         self._loss_only_prediction = False
         self._eval_totals: list[Any] | None = None  # [loss sum, trained tokens] over an evaluation
         self.eval_seconds = 0.0  # wall time spent in evaluate() during this process's training
-        self._parameter_count: int | None = None  # fixed for the run: counted once, for the FLOP log
-        self._trained_parameters: list[Any] | None = None
+        self._parameter_count: tuple[Any, int] | None = None  # (model, its count), for the FLOP log
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         # The Trainer's own counts the model's parameters again at every step, a walk over every module
-        # (3.6 ms a step on the default model on a CPU). The count does not change during a run.
+        # (3.6 ms a step on the default model on a CPU). The count is kept for as long as the model is.
         main_input = getattr(self.model, "main_input_name", "input_ids")
         if main_input not in inputs or not hasattr(self.model, "num_parameters"):
             return 0
-        if self._parameter_count is None:
-            self._parameter_count = self.model.num_parameters(exclude_embeddings=True)
-        return 6 * inputs[main_input].numel() * self._parameter_count
+        if self._parameter_count is None or self._parameter_count[0] is not self.model:
+            self._parameter_count = (self.model, self.model.num_parameters(exclude_embeddings=True))
+        return 6 * inputs[main_input].numel() * self._parameter_count[1]
 
     def _clip_grad_norm(self, model: Any) -> Any:
-        # Only the adapter's parameters have gradients: clipping them alone skips a walk over every frozen
-        # weight of the model at every step (4.3 against 1.0 ms on the default model on a CPU). FSDP and
-        # DeepSpeed clip through their own engines, which want the whole model's parameters.
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled or self.accelerator.distributed_type == "XLA":
+        # Only the parameters the optimizer trains have gradients: clipping them alone skips a walk over every
+        # frozen weight of the model at every step (4.3 against 1.0 ms on the default model on a CPU). FSDP,
+        # DeepSpeed, XLA and tensor-parallel (DTensor) gradients keep the Trainer's way, which those need.
+        mixed_mesh = getattr(self, "_has_mixed_mesh_grads", None)
+        if (self.is_fsdp_enabled or self.is_deepspeed_enabled or self.accelerator.distributed_type == "XLA"
+                or (mixed_mesh is not None and mixed_mesh(model))):
             return super()._clip_grad_norm(model)
-        if self._trained_parameters is None:
-            self._trained_parameters = [p for p in model.parameters() if p.requires_grad]
-        return self.accelerator.clip_grad_norm_(self._trained_parameters, self.args.max_grad_norm)
+        trained = [param for group in self.optimizer.param_groups for param in group["params"]]
+        return self.accelerator.clip_grad_norm_(trained, self.args.max_grad_norm)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         started = time.time()

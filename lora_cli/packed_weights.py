@@ -41,8 +41,8 @@ def applies(precision: str, quantization: str | None, device: str) -> bool:
 def enable(model: Any, training: bool = True) -> int:
     """Give every frozen bf16 `nn.Linear` but the output layer its packed weights; returns how many.
 
-    The output layer runs inside the chunked loss (lora_cli/loss.py): in training its two layouts are
-    kept on it for that loss. LoRA's A and B are trained, so their weights change every step.
+    The output layer runs inside the chunked loss (lora_cli/loss.py): in training, its two layouts are
+    kept on it for that loss to multiply through (not counted in the number returned). LoRA's A and B are trained, so their weights change every step.
     `training=False`: the forward layout only, for a model that computes no gradients. `disable` undoes
     it (before anything changes the base weights, a merge say).
     """

@@ -97,7 +97,7 @@ def _trainer(model, tmp_path, chunked):
 @pytest.mark.parametrize("num_items", [None, 57])
 def test_chunked_loss_equals_the_models_own_loss_and_lora_gradients(tiny_model_dir, tmp_path, monkeypatch,
                                                                     num_items):
-    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 7 * 300)  # at most 7 rows a chunk: several chunks
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 7 * 300)  # 6 rows a chunk at most: several chunks
     batch = _packed_batch([17, 30, 1, 9], masked_prefix=5)
     results = []
     for chunked in (False, True):
@@ -155,14 +155,22 @@ def test_a_target_whose_probability_underflows_still_gets_its_exact_loss_and_gra
     torch.testing.assert_close(hidden.grad.double(), expected, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 340, 341, 342, 400, 1000])
+@pytest.mark.parametrize("rows", [1, 339, 340, 341, 400, 1000])
 def test_loss_chunks_share_the_rows_evenly_within_the_chunk_size(rows):
     vocab = 49152
-    most = loss.CHUNK_ELEMENTS // vocab
+    most = loss._chunk_rows(10**6, vocab)
+    assert most * vocab * 2 < loss.CHUNK_ELEMENTS * 2 - 64 * 1024  # bf16 logits well under glibc's mmap threshold
     size = loss._chunk_rows(rows, vocab)
     chunks = -(-rows // size)
-    assert size <= most and chunks == -(-rows // most)  # as few chunks as before, none larger
+    assert size <= most and chunks == -(-rows // most)  # as few chunks as the largest size needs, none larger
     assert rows - (chunks - 1) * size >= size - chunks  # the last one is not a sliver
+
+
+def test_a_batch_without_trained_positions_has_a_loss_of_zero():
+    hidden = torch.zeros(0, 16, requires_grad=True)
+    value = loss.chunked_cross_entropy_sum(hidden, torch.randn(300, 16), torch.zeros(0, dtype=torch.long))
+    value.backward()
+    assert value.item() == 0 and hidden.grad.shape == (0, 16)
 
 
 def test_the_packed_output_layer_gives_the_chunked_loss_and_gradients_bit_for_bit(tiny_model_dir, monkeypatch):
@@ -193,6 +201,11 @@ def test_the_packed_output_layer_gives_the_chunked_loss_and_gradients_bit_for_bi
     packed_loss, packed = loss_and_grads()
     assert torch.equal(packed_loss, plain_loss)
     assert all(torch.equal(packed[n], plain[n]) for n in plain)
+    # the loss does multiply through the copies: copies of another weight give another loss
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    doubled = head.weight.detach() * 2
+    setattr(head, loss.HEAD_LAYOUTS, (reorder(doubled, 64), reorder(doubled.t(), 64)))
+    assert not torch.equal(loss_and_grads()[0], plain_loss)
     packed_weights.disable(model)
     assert not hasattr(head, loss.HEAD_LAYOUTS)
 
@@ -205,6 +218,7 @@ def test_the_trainer_clips_and_counts_flops_as_the_hf_trainer_does(tiny_model_di
     batch = _packed_batch([17, 30, 1, 9], masked_prefix=5)
     model = _lora_model(tiny_model_dir)
     trainer = _trainer(model, tmp_path, chunked=True)
+    trainer.create_optimizer()
     trainer.args.max_grad_norm = 0.01  # small enough to clip
     trainer.compute_loss(model, dict(batch)).backward()
     grads = _lora_grads(model)
