@@ -64,7 +64,39 @@ def new_run_dir(model_name: str) -> Path:
         if isinstance(exc, RunError):
             raise
         raise cannot_take(exc) from None
+    remove_leftovers(root)
     return path
+
+
+# How old a folder holding nothing but an unlocked lock file must be for remove_leftovers to take it: a run
+# writes its manifest once the model and data are loaded, and holds the lock all along.
+LEFTOVER_AGE_S = 600
+
+
+def remove_leftovers(root: Path) -> list[Path]:
+    """Remove the folders under the runs root that hold nothing but a lock file no process holds, written over
+    LEFTOVER_AGE_S ago: what a run leaves when it is killed before it writes anything (on several GPUs, the
+    rank that made the folder dies in NCCL's barrier when another rank fails at start, before it can clean
+    up). Where locks cannot be taken (no flock), nothing is removed. Returns the folders removed."""
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    removed = []
+    now = time.time()
+    for folder in root.iterdir():
+        with contextlib.suppress(OSError):  # in use, not ours to remove, or gone meanwhile: left as it is
+            lock = folder / LOCK
+            if (folder.is_symlink() or not folder.is_dir() or str(folder.resolve()) in _held
+                    or [entry.name for entry in folder.iterdir()] != [LOCK]
+                    or now - lock.stat().st_mtime < LEFTOVER_AGE_S):
+                continue
+            with open(lock, "a", encoding="utf-8") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a process holds it
+                lock.unlink()  # while this process holds it: no run can be starting there
+            folder.rmdir()  # fails if a run made a new lock file there meanwhile
+            removed.append(folder)
+    return removed
 
 
 # Folders new_run_dir made for a reserved run folder (it, then a runs root that did not exist yet).

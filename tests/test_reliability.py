@@ -303,6 +303,39 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monk
     assert not first.exists() and second.is_dir()
 
 
+def test_a_new_run_removes_folders_that_runs_killed_at_start_left_behind(tmp_path, monkeypatch):
+    """A folder holding only a lock file no process holds, older than LEFTOVER_AGE_S, is what a run killed
+    before it wrote anything leaves: the next new run folder takes it away, and nothing else."""
+    root = tmp_path / "runs"
+    monkeypatch.setenv("LORA_RUNS_DIR", str(root))
+    old = time.time() - runs.LEFTOVER_AGE_S - 60
+    folders = {}
+    for name, entries in (("leftover", [runs.LOCK]), ("recent", [runs.LOCK]), ("held", [runs.LOCK]),
+                          ("with a log", [runs.LOCK, runs.TRAIN_LOG]), ("no lock", ["notes.txt"])):
+        folders[name] = root / name
+        folders[name].mkdir(parents=True)
+        for entry in entries:
+            (folders[name] / entry).write_text("1\n")
+            if name != "recent":
+                os.utime(folders[name] / entry, (old, old))
+    # another process holds "held"'s lock, as a run loading its model does
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               f"h = open({str(folders['held'] / runs.LOCK)!r}, 'a')\n"
+                               "fcntl.flock(h, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        made = runs.new_run_dir("org/model")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not folders["leftover"].exists()
+    assert all(folders[name].is_dir() for name in ("recent", "held", "with a log", "no lock"))
+    assert made.is_dir() and (made / runs.LOCK).is_file()
+    assert runs.remove_leftovers(root) == [folders["held"]]  # its holder gone, it is a leftover too
+    runs.release_run(made)
+
+
 def test_a_run_that_fails_before_writing_leaves_no_folder(workdir, tiny_model_dir, monkeypatch):
     from lora_cli import train
     from lora_cli.errors import DataError
