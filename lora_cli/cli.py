@@ -13,6 +13,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -103,6 +104,8 @@ def errors_as_one_line(func: Callable[..., Any]) -> Callable[..., Any]:
             # bad input (exit 2) is the same for every process of a multi-process run: said once, by rank 0
             if _is_main_process() or exc.exit_code != 2:
                 typer.echo(f"error: {exc}", err=True)
+            else:
+                _let_rank_zero_say_it(exc)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("error: interrupted", err=True)
@@ -117,6 +120,31 @@ def errors_as_one_line(func: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+# How long another rank waits, on bad input, for the launcher to stop it once rank 0 has said the error.
+RANK_ZERO_GRACE_S = 30
+
+
+def _let_rank_zero_say_it(exc: LoraError) -> None:
+    """Bad input on a rank other than 0: rank 0 meets the same error and says it. Leaving at once could have
+    the launcher stop rank 0 first (it stops every process when one fails), and the error went unsaid; so
+    this rank waits to be stopped, and says the error itself if no stop comes."""
+    try:
+        time.sleep(RANK_ZERO_GRACE_S)
+    except KeyboardInterrupt:  # the launcher's SIGTERM (lora turns it into this): rank 0 has failed
+        return
+    typer.echo(f"error: {exc}", err=True)
+
+
+def _leave_process_group() -> None:
+    """End this process's part of a multi-process run's group once its training is over, rather than at the
+    interpreter's exit, where gloo's threads were now and then torn down mid-flight: the process aborted
+    ("terminate called without an active exception") after a finished run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _disk_full(exc: BaseException) -> str | None:
@@ -255,6 +283,7 @@ def train(
     from lora_cli import train as training
 
     result = training.run(cfg)
+    _leave_process_group()
     if result.interrupted:
         if _is_main_process():
             typer.echo(f"Interrupted at step {result.manifest['step']}; a checkpoint is saved. Continue with: "

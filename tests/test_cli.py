@@ -162,6 +162,34 @@ def test_bad_input_gets_one_line_and_leaves_nothing(args, code, message, workdir
     assert snapshot(workdir) == before  # nothing created, nothing changed
 
 
+@pytest.mark.parametrize("stopped", [True, False])
+def test_bad_input_on_another_rank_waits_for_rank_0_to_say_it(stopped, monkeypatch, capsys):
+    """Under a launcher, rank 0 says a bad-input error; another rank waits to be stopped rather than leave first
+    (the launcher would stop rank 0 before it spoke). Not stopped in time, it says the error itself."""
+    import typer
+
+    from lora_cli import cli
+    from lora_cli.errors import ConfigError
+
+    def sleep(seconds):
+        assert seconds == cli.RANK_ZERO_GRACE_S
+        if stopped:
+            raise KeyboardInterrupt  # the launcher's SIGTERM, as lora receives it
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(cli.time, "sleep", sleep)
+
+    @cli.errors_as_one_line
+    def command():
+        raise ConfigError("--rank must be a positive integer")
+
+    with pytest.raises(typer.Exit) as exit_info:
+        command()
+    assert exit_info.value.exit_code == 2
+    said = capsys.readouterr().err.count("error: --rank must be a positive integer")
+    assert said == (0 if stopped else 1)
+
+
 def test_debug_shows_the_traceback_and_keeps_the_exit_status():
     result = invoke("--debug", "train", "--rank", "0")
     assert result.exit_code == 2 and "Traceback" in result.stderr and "--rank must be a positive" in result.stderr
