@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from lora_cli import packed_weights
 from lora_cli.data import IGNORE_INDEX
 
 # Architectures whose logits are exactly lm_head(final hidden state): no softcapping, no scaling.
@@ -70,7 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if packed_head:
                     # oneDNN's op returns a new tensor: a chunk stays under glibc's mmap threshold (see
                     # _chunk_rows), so the next chunk gets the same heap memory, not fresh pages
-                    logits = torch.ops.mkldnn._linear_pointwise(chunk, layouts[0], None, "none", [], "")
+                    logits = packed_weights.multiply(chunk, layouts[0])
                 else:
                     logits = _scratch("logits", (n, vocab), dtype, device)
                     torch.matmul(chunk, weight.t(), out=logits)
@@ -85,8 +86,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     if work is not logits:
                         logits.copy_(work)
                     if packed_head:
-                        grad[start:start + rows] = torch.ops.mkldnn._linear_pointwise(logits, layouts[1], None,
-                                                                                      "none", [], "")
+                        grad[start:start + rows] = packed_weights.multiply(logits, layouts[1])
                     else:
                         torch.matmul(logits, weight, out=grad[start:start + rows])
                 del logits, work  # a packed chunk's logits are its own tensor: gone before the next one's

@@ -42,23 +42,20 @@ def enable(model: Any, training: bool = True) -> int:
     """Give every frozen bf16 `nn.Linear` but the output layer its packed weights; returns how many.
 
     The output layer runs inside the chunked loss (lora_cli/loss.py): in training, its two layouts are
-    kept on it for that loss to multiply through (not counted in the number returned). LoRA's A and B are trained, so their weights change every step.
-    `training=False`: the forward layout only, for a model that computes no gradients. `disable` undoes
-    it (before anything changes the base weights, a merge say).
+    kept on it for that loss to multiply through (not counted in the number returned). LoRA's A and B are
+    trained, so their weights change every step. `training=False`: the forward layout only, for a model that
+    computes no gradients. `disable` undoes it (before anything changes the base weights, a merge say).
     """
     import torch
 
-    reorder = torch.ops.mkldnn._reorder_linear_weight
     changed = 0
     for module in _frozen_projections(model, training):
         weight = module.weight.detach()
-        # the forward multiplies by W.T, the input gradient by W: one layout for each
-        forward_layout = reorder(weight, ROWS_HINT)
         if training:
-            backward_layout = reorder(weight.t(), ROWS_HINT)
-            module.forward = functools.partial(_forward, module, forward_layout, backward_layout)
+            module.forward = functools.partial(_forward, module, *_layouts(weight))
         else:
-            module.forward = functools.partial(_forward_only, module, forward_layout)
+            module.forward = functools.partial(_forward_only, module,
+                                               torch.ops.mkldnn._reorder_linear_weight(weight, ROWS_HINT))
         changed += 1
     if training:
         _pack_output_layer(model)
@@ -79,9 +76,15 @@ def _pack_output_layer(model: Any) -> None:
     head = base.get_output_embeddings()
     if head.weight.dtype != torch.bfloat16 or head.weight.device.type != "cpu":
         return
+    setattr(head, HEAD_LAYOUTS, _layouts(head.weight.detach()))
+
+
+def _layouts(weight: Any) -> tuple[Any, Any]:
+    """A frozen weight in oneDNN's layout twice: the forward multiplies by W.T, the input gradient by W."""
+    import torch
+
     reorder = torch.ops.mkldnn._reorder_linear_weight
-    weight = head.weight.detach()
-    setattr(head, HEAD_LAYOUTS, (reorder(weight, ROWS_HINT), reorder(weight.t(), ROWS_HINT)))
+    return reorder(weight, ROWS_HINT), reorder(weight.t(), ROWS_HINT)
 
 
 def enable_for_inference(model: Any, precision: str, quantization: str | None) -> int:
@@ -132,13 +135,14 @@ def _forward(module: Any, forward_layout: Any, backward_layout: Any, x: Any) -> 
 def _forward_only(module: Any, forward_layout: Any, x: Any) -> Any:
     import torch
 
-    return _linear(x.to(torch.bfloat16), forward_layout, module.bias)
+    return multiply(x.to(torch.bfloat16), forward_layout, module.bias)
 
 
-def _linear(x: Any, packed: Any, bias: Any) -> Any:
+def multiply(x: Any, layout: Any, bias: Any = None) -> Any:
+    """`x` (bf16) times a weight in one of the layouts `_layouts` makes: oneDNN's packed matmul, plus `bias`."""
     import torch
 
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, layout, bias, "none", [], "")
 
 
 @functools.cache
@@ -150,11 +154,11 @@ def _function() -> Any:
         @staticmethod
         def forward(ctx: Any, x: Any, weight: Any, bias: Any, forward_layout: Any, backward_layout: Any) -> Any:
             ctx.backward_layout = backward_layout
-            return _linear(x, forward_layout, bias)
+            return multiply(x, forward_layout, bias)
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> tuple[Any, None, None, None, None]:
             # the weight is frozen: only the input's gradient, grad @ W
-            return _linear(grad.to(torch.bfloat16), ctx.backward_layout, None), None, None, None, None
+            return multiply(grad.to(torch.bfloat16), ctx.backward_layout), None, None, None, None
 
     return PackedLinear
