@@ -11,7 +11,8 @@ over a (tokens x hidden) tensor, and the passes, not the arithmetic, are what th
 
 Here each is one autograd function or one fused kernel, with the same math:
 - RMSNorm: one fp32-accumulated pass for the norm, the normalized values rounded to bf16 as
-  transformers rounds them, times the weight (3 passes); the backward in 6, in fp32 from the input;
+  transformers rounds them, times the weight (3 passes); the backward in 6, in fp32 from the input.
+  Where the compiled kernels build (lora_cli/cpu_kernels.py), it is one pass over each row either way;
 - the rotary embedding: `x*cos + roll(x)*sin'`, the sign of `rotate_half` folded into `sin'` once per
   forward (3 passes, `addcmul` rounding once where transformers rounds twice); the backward is
   `g*cos + roll(g)*sin''` (3 passes);
@@ -120,11 +121,20 @@ def _rms_norm_forward(module: Any, hidden: Any) -> Any:
 def _rms_norm_function() -> Any:
     import torch
 
+    from lora_cli import cpu_kernels
+
     class RMSNorm(torch.autograd.Function):
         """weight * bf16(x / rms(x)), the rms in fp32: transformers' LlamaRMSNorm, for a frozen weight."""
 
         @staticmethod
         def forward(ctx: Any, x: Any, weight: Any, eps: float) -> Any:
+            # the same values in one pass over each row where the compiled kernels can be used
+            ctx.compiled = cpu_kernels.handles(x, weight)
+            if ctx.compiled:
+                x = x.contiguous()
+                out, inverse_rms = cpu_kernels.rms_norm(x, weight, eps)
+                ctx.save_for_backward(x, inverse_rms, weight)
+                return out
             width = x.shape[-1]
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
             inverse_rms = torch.rsqrt(norm.square_().div_(width).add_(eps))
@@ -138,6 +148,8 @@ def _rms_norm_function() -> Any:
         @staticmethod
         def backward(ctx: Any, grad: Any) -> tuple[Any, None, None]:
             x, inverse_rms, weight = ctx.saved_tensors
+            if ctx.compiled and cpu_kernels.handles(grad):
+                return cpu_kernels.rms_norm_backward(grad, x, inverse_rms, weight), None, None
             # d/dx of n = x * r: r * (g' - n * mean(g' * n)), with g' = grad * weight, all in fp32
             normalized = torch.mul(x, inverse_rms)
             scaled = torch.mul(grad, weight.float())

@@ -765,6 +765,80 @@ def test_each_fused_layer_computes_its_plain_layers_values_and_gradients(plain_r
     assert not torch.allclose(peft_out, base_out)  # the adapter adds something to test
 
 
+def test_compiled_rms_norm_kernel_gives_the_pytorch_paths_values(monkeypatch):
+    """The compiled RMSNorm (lora_cli/cpu_kernels.c), forward and backward, against transformers' bf16
+    RMSNorm and the fused layer's PyTorch path, on rows of a width that is not a multiple of the kernel's
+    16 lanes, with large and small values, an empty batch, and a NaN that stays in its own row."""
+    import shutil
+
+    from transformers.models.llama import modeling_llama
+
+    from lora_cli import cpu_kernels, fused_layers
+
+    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        pytest.skip("no C compiler on this machine: PyTorch's own kernels are used")
+    assert cpu_kernels.available()  # a compiler that cannot build the kernels is a failure, not a skip
+    norm_function = fused_layers._rms_norm_function()
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.rand(100, generator=generator) + 0.5).to(torch.bfloat16)
+    plain = modeling_llama.LlamaRMSNorm(100, eps=1e-6).to(torch.bfloat16).requires_grad_(False)
+    plain.weight.copy_(weight)
+
+    def out_and_grad(x, grad, compiled):
+        monkeypatch.setattr(cpu_kernels, "handles", lambda *tensors: compiled)
+        x = x.detach().requires_grad_()
+        out = norm_function.apply(x, weight, 1e-6)
+        out.backward(grad)
+        return out.detach(), x.grad
+
+    for rows, scale in ((37, 1.0), (5, 300.0), (8, 1e-3), (0, 1.0)):
+        x = (torch.randn(2, rows, 100, generator=generator) * scale).to(torch.bfloat16)
+        grad = torch.randn(2, rows, 100, generator=generator).to(torch.bfloat16)
+        compiled_out, compiled_grad = out_and_grad(x, grad, True)
+        torch_out, torch_grad = out_and_grad(x, grad, False)
+        expected = plain(x)
+        # the sum of squares is added up in another order: r may differ in its last bit, a value by one rounding
+        assert torch.allclose(compiled_out, expected, rtol=2 ** -7, atol=0)
+        assert (compiled_out != expected).sum() <= 0.01 * expected.numel()
+        largest = float(torch_grad.abs().max()) if torch_grad.numel() else 0.0
+        torch.testing.assert_close(compiled_grad, torch_grad, rtol=2 ** -7, atol=2 ** -7 * largest)
+        assert (compiled_grad != torch_grad).sum() <= 0.01 * torch_grad.numel()
+
+    x = torch.randn(3, 100, generator=generator).to(torch.bfloat16)
+    x[1, 7] = float("nan")
+    out, grad = out_and_grad(x, torch.ones(3, 100, dtype=torch.bfloat16), True)
+    assert out[1].isnan().all() and grad[1].isnan().all()
+    assert out[[0, 2]].isfinite().all() and grad[[0, 2]].isfinite().all()
+
+
+def test_compiled_kernels_are_built_once_and_can_be_switched_off(monkeypatch, tmp_path):
+    """The library is built into the cache and taken from there next time; LORA_CPU_KERNELS=0 and a
+    missing compiler each leave PyTorch's kernels in place."""
+    import shutil
+
+    from lora_cli import cpu_kernels
+
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path))
+    try:
+        if compiler:
+            built = cpu_kernels._built(compiler)
+            assert built.parent == tmp_path / "kernels" and built.stat().st_size > 0
+            when = built.stat().st_mtime_ns
+            assert cpu_kernels._built(compiler) == built and built.stat().st_mtime_ns == when
+            assert [p.name for p in built.parent.iterdir()] == [built.name]  # no partial file left
+        monkeypatch.setenv("LORA_CPU_KERNELS", "0")
+        cpu_kernels.library.cache_clear()
+        assert cpu_kernels.library() is None and not cpu_kernels.handles(torch.ones(1, dtype=torch.bfloat16))
+        monkeypatch.delenv("LORA_CPU_KERNELS")
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        monkeypatch.setattr(shutil, "which", lambda name: None)
+        cpu_kernels.library.cache_clear()
+        assert cpu_kernels.library() is None
+    finally:
+        cpu_kernels.library.cache_clear()
+
+
 def test_fused_layers_leave_alone_what_they_would_not_compute_exactly(plain_rotary):
     """LoRA with dropout or DoRA keeps PEFT's forward, a norm that is not Llama's RMSNorm (Gemma's adds 1 to
     its weight) keeps its own, and nothing is fused but bf16 training on a CPU with plain weights."""

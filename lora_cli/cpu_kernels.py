@@ -1,0 +1,134 @@
+"""Compiled kernels for bf16 training on a CPU where PyTorch runs many small passes over memory.
+
+In a bf16 step of the default model on a 2-core CPU, the RMSNorms cost about 1.2 ms each (61 of them,
+forward and backward): a dozen PyTorch kernels each, several mixing bf16 and fp32, which PyTorch runs
+on a slow path. The same math as one pass over each row, forward and backward, takes 0.25 ms, and the
+step ran 5 to 7% faster.
+
+The kernels are plain C (cpu_kernels.c, no PyTorch headers), built on first use with the system's C
+compiler for this CPU (`-march=native`), in well under a second, and kept in the user cache
+(LORA_CACHE_DIR) under a name that hashes the source, the compiler and the CPU. Where there is no
+compiler, or the build fails, `library()` is None and the callers keep PyTorch's own kernels, which
+compute the same values. `LORA_CPU_KERNELS=0` keeps PyTorch's kernels too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SWITCH = "LORA_CPU_KERNELS"  # "0" leaves every layer on PyTorch's kernels
+BUILD_TIMEOUT_S = 120
+
+
+def available() -> bool:
+    """Whether the compiled kernels can be used in this process (built and loaded now if need be)."""
+    return library() is not None
+
+
+@functools.cache
+def library() -> Any:
+    """The loaded kernels (a ctypes library), or None where they are switched off or cannot be built."""
+    if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        log.debug("No C compiler found: PyTorch's own kernels are used")
+        return None
+    try:
+        path = _built(compiler)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as error:
+        log.debug("The CPU kernels could not be built or loaded (%s): PyTorch's own kernels are used", error)
+        return None
+    pointer, size, real, count = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.rms_norm_forward.argtypes = [pointer, pointer, pointer, pointer, size, size, real, count]
+    lib.rms_norm_backward.argtypes = [pointer, pointer, pointer, pointer, pointer, size, size, count]
+    lib.rms_norm_forward.restype = lib.rms_norm_backward.restype = None
+    return lib
+
+
+def rms_norm(x: Any, weight: Any, eps: float) -> tuple[Any, Any]:
+    """transformers' LlamaRMSNorm of bf16 `x` with a bf16 weight: (output, inverse rms per row in fp32)."""
+    import torch
+
+    x, weight = x.contiguous(), weight.contiguous()
+    width = x.shape[-1]
+    out = torch.empty_like(x)
+    inverse_rms = torch.empty((*x.shape[:-1], 1), dtype=torch.float32)
+    library().rms_norm_forward(x.data_ptr(), weight.data_ptr(), out.data_ptr(), inverse_rms.data_ptr(),
+                               x.numel() // width, width, eps, torch.get_num_threads())
+    return out, inverse_rms
+
+
+def rms_norm_backward(grad: Any, x: Any, inverse_rms: Any, weight: Any) -> Any:
+    """The input gradient of `rms_norm`, from its contiguous input and inverse rms."""
+    import torch
+
+    grad = grad.contiguous()
+    width = x.shape[-1]
+    grad_x = torch.empty_like(x)
+    library().rms_norm_backward(grad.data_ptr(), x.data_ptr(), inverse_rms.data_ptr(), weight.contiguous().data_ptr(),
+                                grad_x.data_ptr(), x.numel() // width, width, torch.get_num_threads())
+    return grad_x
+
+
+def handles(*tensors: Any) -> bool:
+    """Whether these tensors are what the kernels take (bf16, on a CPU) and the kernels can be used here."""
+    import torch
+
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors) and available()
+
+
+def _built(compiler: str) -> Path:
+    """The kernels' shared library for this source, compiler and CPU: from the cache, else built into it."""
+    from lora_cli.cpu import _cpu_identity
+    from lora_cli.models import cache_dir
+
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), platform.machine().encode(),
+                                     _cpu_identity().encode()])).hexdigest()[:16]
+    name = f"cpu_kernels-{key}.so"
+    for folder in (cache_dir() / "kernels", Path(tempfile.gettempdir()) / f"lora-kernels-{os.getuid()}"):
+        target = folder / name
+        if target.exists():
+            return target
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue  # a cache that cannot be written: the temporary folder
+        _compile(compiler, target)
+        return target
+    raise OSError("no folder to build the CPU kernels in")
+
+
+def _compile(compiler: str, target: Path) -> None:
+    """Compile into a temporary name and rename: processes building at once each put a whole library in place."""
+    tuned = {"x86_64": ["-march=native"], "amd64": ["-march=native"], "aarch64": ["-mcpu=native"],
+             "arm64": ["-mcpu=native"]}.get(platform.machine().lower(), [])
+    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    failure = ""
+    # OpenMP where the compiler has it (PyTorch's own runtime at run time), single-threaded where not
+    for flags in (["-fopenmp", *tuned], tuned):
+        done = subprocess.run([compiler, "-O3", "-std=c11", "-shared", "-fPIC", *flags, "-o", str(partial),
+                               str(SOURCE), "-lm"], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if done.returncode == 0:
+            os.replace(partial, target)
+            log.debug("Built the CPU kernels (%s) into %s", " ".join(flags) or "no flags", target)
+            return
+        said = (done.stderr or done.stdout).strip().splitlines()
+        failure = said[-1] if said else f"exit status {done.returncode}"
+    partial.unlink(missing_ok=True)
+    raise OSError(f"{compiler} failed: {failure}")
