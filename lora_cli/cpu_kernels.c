@@ -80,3 +80,60 @@ void rms_norm_backward(const uint16_t *grad, const uint16_t *x, const float *inv
         }
     }
 }
+
+/* e^x written so that the compiler can vectorize it (a call to expf stops it, short of -ffast-math):
+ * Cephes' expf, x = n ln2 + r with a degree-5 polynomial for e^r, within 2 ulp of expf. Above 88.72 it is
+ * inf and below -87.34 it is 0, as expf; in between, x is first clamped to [-87, 88] (exact inside it). */
+static inline float exp_vectorizable(float x) {
+    float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float shifted = clamped * 1.44269504088896341f + 12582912.0f; /* adding 1.5 * 2^23 rounds to an integer */
+    float n = shifted - 12582912.0f;
+    int32_t shifted_bits;
+    memcpy(&shifted_bits, &shifted, sizeof shifted_bits);
+    int32_t exponent = shifted_bits - 0x4B400000; /* n as an integer, from the low bits */
+    float r = clamped - n * 0.693359375f - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * r * r + r + 1.0f;
+    uint32_t scale_bits = (uint32_t)(exponent + 127) << 23;
+    float scale;
+    memcpy(&scale, &scale_bits, sizeof scale);
+    y *= scale;
+    return x > 88.7228394f ? INFINITY : (x < -87.3365479f ? 0.0f : y);
+}
+
+/* Elements per OpenMP work item for the elementwise kernels: large enough to vectorize, small enough to share. */
+#define BLOCK 4096
+
+/* LlamaMLP's act_fn(gate) * up for SiLU, in bf16 as PyTorch rounds it: out = bf16(bf16(silu(gate)) * up). */
+void swiglu_forward(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_t count, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t start = 0; start < count; start += BLOCK) {
+        int64_t end = start + BLOCK < count ? start + BLOCK : count;
+        for (int64_t i = start; i < end; i++) {
+            float g = widen(gate[i]);
+            out[i] = narrow(widen(narrow(g / (1.0f + exp_vectorizable(-g)))) * widen(up[i]));
+        }
+    }
+}
+
+/* Its gradients as PyTorch's autograd computes them: grad_up = bf16(grad * bf16(silu(gate))), and
+ * grad_gate = silu'(gate) * bf16(grad * up), with silu'(g) = s (1 + g (1 - s)), s = sigmoid(g), in fp32. */
+void swiglu_backward(const uint16_t *grad, const uint16_t *gate, const uint16_t *up, uint16_t *grad_gate,
+                     uint16_t *grad_up, int64_t count, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t start = 0; start < count; start += BLOCK) {
+        int64_t end = start + BLOCK < count ? start + BLOCK : count;
+        for (int64_t i = start; i < end; i++) {
+            float g = widen(gate[i]), d = widen(grad[i]);
+            float e = exp_vectorizable(-g);
+            float sigmoid = 1.0f / (1.0f + e);
+            grad_up[i] = narrow(d * widen(narrow(g / (1.0f + e))));
+            grad_gate[i] = narrow(widen(narrow(d * widen(up[i]))) * (sigmoid * (1.0f + g * (1.0f - sigmoid))));
+        }
+    }
+}

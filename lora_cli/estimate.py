@@ -169,7 +169,7 @@ def _weights_bytes(base_params: int, linears, quantization, p: int) -> int:
 
 
 def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dora, lora_dropout, packing,
-                      checkpointing, cpu, chunked_loss, fused=False) -> dict:
+                      checkpointing, cpu, chunked_loss, fused=False, compiled=False) -> dict:
     """Peak activation memory of one training step of a LLaMA decoder with SDPA attention, as `lora train` runs it.
 
     Formula: the tensors autograd saves in transformers' LlamaDecoderLayer, counted one by one and
@@ -183,7 +183,7 @@ def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dor
       row of b*s tokens, so b*s*p); on a CPU with packing `lora train` attends within each example
       instead (lora_cli/packed_attention.py): no mask, but examples of up to 256 tokens keep their
       softmax output (compute dtype), a*min(s, 256)*p at most | SwiGLU: gate, silu, up
-      outputs 3*I*p
+      outputs 3*I*p; gate and up, 2*I*p, through the compiled kernel (`compiled`, lora_cli/cpu_kernels.py)
       LoRA, per adapted module: its input (under bf16/fp16 autocast a fresh p-byte copy per module;
       in fp32 one shared fp32 tensor) + lora_A output r*4; dropout adds its fp32 output (fp32 runs)
       and its mask (bool on CUDA, an fp32 noise tensor on CPU); DoRA adds base and LoRA outputs.
@@ -204,7 +204,7 @@ def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dor
     mask_row = tokens if packing else seq
     attention = heads * min(seq, EAGER_MAX_TOKENS) * p if cpu and packing else mask_row * p
     norm = h * p + 4 if fused and p != 4 else h * 4
-    base = 2 * norm + 4 * 4 + 4 * attn * p + heads * 4 + attention + 3 * inter * p
+    base = 2 * norm + 4 * 4 + 4 * attn * p + heads * 4 + attention + (2 if compiled else 3) * inter * p
     shared_inputs = p == 4 or (fused and lora_dropout == 0 and not use_dora)
     mask_bytes = 4 if cpu else 1
     extra: dict[str, int] = {}
@@ -277,7 +277,8 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
              max_seq_len: int = 512, gradient_checkpointing: bool = False, compute_dtype: str = "bf16",
              device: str = "cuda", lora_dropout: float = 0.05, packing: bool = True,
              chunked_loss: bool | None = None, model: str | None = None, int8_backward: bool = False,
-             packed_weights: bool = False, fused_layers: bool = False) -> dict:
+             packed_weights: bool = False, fused_layers: bool = False,
+             compiled_kernels: bool = False) -> dict:
     """Parameter counts and peak training memory of `lora train` for LoRA/QLoRA on a transformers config.
 
     `lora_dropout` and `packing` default to `lora train`'s defaults; bf16/fp16 compute is taken to
@@ -287,7 +288,8 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
     (and a scale per input feature) for the input gradients (lora_cli/int8_backward.py). `packed_weights`:
     two copies of each frozen bf16 projection (and of the output layer, with the chunked loss) in oneDNN's
     layout, for bf16 on a CPU (lora_cli/packed_weights.py).
-    `fused_layers`: RMSNorm and LoRA as lora_cli/fused_layers.py runs them (bf16 on a CPU).
+    `fused_layers`: RMSNorm and LoRA as lora_cli/fused_layers.py runs them (bf16 on a CPU), and with
+    `compiled_kernels` (they build on this machine) SwiGLU through lora_cli/cpu_kernels.py.
     """
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"Quantization must be 4bit, 8bit or none, not '{quantization}'.")
@@ -307,7 +309,8 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
         return sum(_activation_parts(shape, adapted, batch=batch, seq=max_seq_len, p=p, r=r, quantization=quantization,
                                      use_dora=use_dora, lora_dropout=lora_dropout, packing=packing,
                                      checkpointing=checkpointing, cpu=cpu, chunked_loss=chunked_loss,
-                                     fused=fused_layers and cpu).values())
+                                     fused=fused_layers and cpu,
+                                     compiled=fused_layers and cpu and compiled_kernels).values())
 
     act_ckpt, act_full = activations(batch_size, True), activations(batch_size, False)
     memory = {
@@ -346,6 +349,7 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
         "max_seq_len": max_seq_len, "packing": bool(packing), "gradient_checkpointing": bool(gradient_checkpointing),
         "compute_dtype": compute_dtype, "device": kind, "int8_backward": bool(int8_backward),
         "packed_weights": bool(packed_weights), "fused_layers": bool(fused_layers),
+        "compiled_kernels": bool(fused_layers and compiled_kernels),
         "base_params": base_params, "total_params": total, "trainable_params": trainable,
         "trainable_share": trainable / total,
         "memory": memory,
@@ -394,11 +398,12 @@ def estimate_run(cfg: Any, model_config: Any, *, compute_dtype: str, device: str
     """The estimate for a `lora train` configuration: the one place its options become estimate() arguments.
     `max_seq_len` replaces --max-seq-len where the data is known to be shorter. `packed_weights`: None counts
     them where they apply (`lora train` leaves them out where they would not leave room, train.check_memory)."""
-    from lora_cli import fused_layers
+    from lora_cli import cpu_kernels, fused_layers
     from lora_cli import packed_weights as packed
     from lora_cli.models import resolve_int8_backward, sharded_engine
 
     int8_backward = resolve_int8_backward(cfg.model.int8_backward, compute_dtype, cfg.model.quantization, device)
+    fused = fused_layers.applies(compute_dtype, cfg.model.quantization, device)
     return estimate(model_config, r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, target_modules=cfg.lora.target_modules,
                     quantization=cfg.model.quantization, use_dora=cfg.lora.use_dora,
                     batch_size=cfg.training.per_device_train_batch_size, max_seq_len=max_seq_len or cfg.data.max_seq_len,
@@ -408,4 +413,4 @@ def estimate_run(cfg: Any, model_config: Any, *, compute_dtype: str, device: str
                     int8_backward=int8_backward,
                     packed_weights=packed.applies(compute_dtype, cfg.model.quantization, device)
                     if packed_weights is None else packed_weights,
-                    fused_layers=fused_layers.applies(compute_dtype, cfg.model.quantization, device))
+                    fused_layers=fused, compiled_kernels=fused and cpu_kernels.available())

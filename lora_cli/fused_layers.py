@@ -17,7 +17,8 @@ Here each is one autograd function or one fused kernel, with the same math:
   forward (3 passes, `addcmul` rounding once where transformers rounds twice); the backward is
   `g*cos + roll(g)*sin''` (3 passes);
 - LoRA: `addmm(base(x), x @ A.T, B.T, alpha=scaling)` in the compute dtype (the product accumulated
-  in fp32 and rounded once).
+  in fp32 and rounded once);
+- the MLP's `silu(gate) * up`: one compiled pass forward and one backward, where the kernels build.
 
 Only code that is transformers' own Llama code (compared by bytecode) and plain LoRA layers (one adapter,
 no dropout, no DoRA) are touched; anything else keeps its forward. `disable` puts every forward back.
@@ -44,11 +45,14 @@ def enable(model: Any) -> dict[str, int]:
     of a layer: that module's function is replaced, for every model of that architecture in this process,
     until `disable`. It computes the same values, so a model that was not enabled loses nothing.
     """
-    counts = {"norms": 0, "rotary": 0, "lora": 0}
+    counts = {"norms": 0, "rotary": 0, "lora": 0, "mlp": 0}
     for module in model.modules():
         if _is_llama_rms_norm(module):
             module.forward = functools.partial(_rms_norm_forward, module)
             counts["norms"] += 1
+        elif _is_llama_silu_mlp(module):
+            module.forward = functools.partial(_mlp_forward, module)
+            counts["mlp"] += 1
         elif _is_plain_lora_linear(module):
             module.forward = functools.partial(_lora_forward, module, module.active_adapters[0])
             counts["lora"] += 1
@@ -68,7 +72,7 @@ def disable(model: Any) -> int:
     """Every fused forward back to its own; returns how many layers and functions were changed."""
     from lora_cli.models import restore_forwards
 
-    restored = restore_forwards(model, (_rms_norm_forward, _lora_forward))
+    restored = restore_forwards(model, (_rms_norm_forward, _lora_forward, _mlp_forward))
     for code in _modeling_modules(model):
         if code in _replaced_rotary:
             code.apply_rotary_pos_emb = _replaced_rotary.pop(code)
@@ -158,6 +162,49 @@ def _rms_norm_function() -> Any:
             return torch.mul(scaled, inverse_rms, out=torch.empty_like(x)), None, None
 
     return RMSNorm
+
+
+# --- the MLP's SwiGLU -------------------------------------------------------------------------------------
+
+def _is_llama_silu_mlp(module: Any) -> bool:
+    import torch
+    from transformers.activations import SiLUActivation
+
+    return (_same_code(type(module).forward, _llama().LlamaMLP.forward) and "forward" not in vars(module)
+            and type(getattr(module, "act_fn", None)) in (torch.nn.SiLU, SiLUActivation))
+
+
+def _mlp_forward(module: Any, x: Any) -> Any:
+    """LlamaMLP's forward, its `act_fn(gate) * up` through the compiled kernel where it takes the tensors."""
+    from lora_cli import cpu_kernels
+
+    gate, up = module.gate_proj(x), module.up_proj(x)
+    if gate.shape == up.shape and cpu_kernels.handles(gate, up):
+        return module.down_proj(_swiglu_function().apply(gate, up))
+    return module.down_proj(module.act_fn(gate) * up)
+
+
+@functools.cache
+def _swiglu_function() -> Any:
+    import torch
+
+    from lora_cli import cpu_kernels
+
+    class SwiGLU(torch.autograd.Function):
+        """silu(gate) * up, with PyTorch's roundings, keeping gate and up (autograd keeps silu(gate) too)."""
+
+        @staticmethod
+        def forward(ctx: Any, gate: Any, up: Any) -> Any:
+            gate, up = gate.contiguous(), up.contiguous()
+            ctx.save_for_backward(gate, up)
+            return cpu_kernels.swiglu(gate, up)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> tuple[Any, Any]:
+            gate, up = ctx.saved_tensors
+            return cpu_kernels.swiglu_backward(grad.to(gate.dtype), gate, up)
+
+    return SwiGLU
 
 
 # --- rotary embedding ------------------------------------------------------------------------------------

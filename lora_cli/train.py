@@ -201,7 +201,8 @@ def _train(cfg: TrainConfig, run_dir: Path, world_size: int, is_main: bool,
             shown += f" + {quantization}" if quantization else ""
             shown += f", input gradients of {int8_projections} frozen projections in int8" if int8_projections else ""
             shown += f", {packed_projections} frozen projections packed for oneDNN" if packed_projections else ""
-            parts = [f"{fused[k]} {label}" for k, label in (("norms", "RMSNorms"), ("lora", "LoRA layers")) if fused.get(k)]
+            parts = [f"{fused[k]} {label}" for k, label in (("norms", "RMSNorms"), ("mlp", "SwiGLUs"), ("lora", "LoRA layers"))
+                     if fused.get(k)]
             parts += ["the rotary embedding"] if fused.get("rotary") else []
             shown += ", fused: " + ", ".join(parts) if parts else ""
             log.info("Training %s on %d rows (%s, %s): %s trainable of %s parameters (%.2f%%), "

@@ -671,14 +671,14 @@ def test_fused_layers_train_as_close_to_fp32_as_the_plain_bf16_layers_and_disabl
             param.data = param.data.to(torch.bfloat16)
     plain_loss, plain = loss_and_grads(bf16=True)
     # 2 layers x 2 norms + the final norm; q and v of 2 layers; Llama's rotary function
-    assert fused_layers.enable(model) == {"norms": 5, "rotary": 1, "lora": 4}
+    assert fused_layers.enable(model) == {"norms": 5, "rotary": 1, "lora": 4, "mlp": 2}
     fused_loss, fused = loss_and_grads(bf16=True)
 
     assert abs(fused_loss - exact_loss) <= 2 * abs(plain_loss - exact_loss) + 1e-3
     for name in exact:
         assert exact[name].abs().sum() > 0  # every adapter is reached
         assert _relative_error(fused[name], exact[name]) <= 1.5 * _relative_error(plain[name], exact[name]) + 2e-3, name
-    assert fused_layers.disable(model) == 10
+    assert fused_layers.disable(model) == 12
     assert not any("forward" in vars(m) for m in model.modules())
     assert modeling_llama.apply_rotary_pos_emb is plain_rotary
     again_loss, again = loss_and_grads(bf16=True)
@@ -713,7 +713,7 @@ def test_each_fused_layer_computes_its_plain_layers_values_and_gradients(plain_r
 
         exact_out, exact_grad = norm_out_and_grad(reference, x.float())
         plain_out, plain_grad = norm_out_and_grad(norm, x)
-        assert fused_layers.enable(norm) == {"norms": 1, "rotary": 1, "lora": 0}  # modeling_llama's rotary too
+        assert fused_layers.enable(norm) == {"norms": 1, "rotary": 1, "lora": 0, "mlp": 0}  # modeling_llama's rotary too
         fused_out, fused_grad = norm_out_and_grad(norm, x)
         fused_layers.disable(norm)
         assert fused_out.dtype == torch.bfloat16 and torch.allclose(fused_out, plain_out, rtol=2 ** -7, atol=0)
@@ -811,6 +811,39 @@ def test_compiled_rms_norm_kernel_gives_the_pytorch_paths_values(monkeypatch):
     assert out[[0, 2]].isfinite().all() and grad[[0, 2]].isfinite().all()
 
 
+def test_compiled_swiglu_kernel_gives_pytorchs_values_and_gradients():
+    """The MLP's `silu(gate) * up` through the compiled kernel against PyTorch's bf16 ops, forward and both
+    gradients: the same bf16 values (its exp is not PyTorch's, so a rare value may round the other way), and
+    PyTorch's answers at the edges (0, large values, inf, NaN)."""
+    import shutil
+
+    from lora_cli import cpu_kernels, fused_layers
+
+    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        pytest.skip("no C compiler on this machine: PyTorch's own kernels are used")
+    generator = torch.Generator().manual_seed(0)
+    edges = torch.tensor([0.0, -0.0, 1e-3, -1e-3, 60.0, -60.0, 80.0, -80.0, float("inf"), float("-inf"), float("nan")])
+    for scale in (1.0, 4.0, 12.0):
+        gate = (torch.randn(5, 33, 97, generator=generator) * scale)
+        gate.view(-1)[:edges.numel()] = edges
+        gate = gate.to(torch.bfloat16)
+        up = torch.randn(5, 33, 97, generator=generator).to(torch.bfloat16)
+        grad = torch.randn(5, 33, 97, generator=generator).to(torch.bfloat16)
+        results = []
+        for compute in (fused_layers._swiglu_function().apply, lambda g, u: torch.nn.functional.silu(g) * u):
+            g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+            out = compute(g, u)
+            out.backward(grad)
+            results.append((out.detach(), g.grad, u.grad))
+        for compiled, plain in zip(*results):
+            assert compiled.dtype == torch.bfloat16
+            assert torch.equal(compiled.isnan(), plain.isnan())
+            finite = plain.isfinite()
+            assert torch.equal(compiled[~finite & ~plain.isnan()], plain[~finite & ~plain.isnan()])
+            torch.testing.assert_close(compiled[finite], plain[finite], rtol=2 ** -7, atol=0)
+            assert (compiled[finite] != plain[finite]).sum() <= 0.001 * plain.numel()
+
+
 def test_compiled_kernels_are_built_once_and_can_be_switched_off(monkeypatch, tmp_path):
     """The library is built into the cache and taken from there next time; LORA_CPU_KERNELS=0 and a
     missing compiler each leave PyTorch's kernels in place."""
@@ -855,6 +888,7 @@ def test_fused_layers_leave_alone_what_they_would_not_compute_exactly(plain_rota
                                          num_attention_heads=2, num_key_value_heads=1, head_dim=16))
     gemma.requires_grad_(False)
     assert fused_layers.enable(gemma)["norms"] == 0
+    assert fused_layers.enable(gemma)["mlp"] == 0  # GELU, not SiLU: Gemma's MLP is Llama's code otherwise
     fused_layers.disable(gemma)
     assert fused_layers.applies("bf16", None, "cpu")
     assert not fused_layers.applies("fp32", None, "cpu")
