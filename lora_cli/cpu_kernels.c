@@ -83,14 +83,14 @@ void rms_norm_backward(const uint16_t *grad, const uint16_t *x, const float *inv
 
 /* e^x written so that the compiler can vectorize it (a call to expf stops it, short of -ffast-math):
  * Cephes' expf, x = n ln2 + r with a degree-5 polynomial for e^r, within 2 ulp of expf. Above 88.72 it is
- * inf and below -87.34 it is 0, as expf; in between, x is first clamped to [-87, 88] (exact inside it). */
+ * inf and below -87.34 it is 0, as expf; 2^n is applied as two factors, each a normal float. */
 static inline float exp_vectorizable(float x) {
-    float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float clamped = x < -87.3365479f ? -87.3365479f : (x > 88.7228394f ? 88.7228394f : x);
     float shifted = clamped * 1.44269504088896341f + 12582912.0f; /* adding 1.5 * 2^23 rounds to an integer */
     float n = shifted - 12582912.0f;
     int32_t shifted_bits;
     memcpy(&shifted_bits, &shifted, sizeof shifted_bits);
-    int32_t exponent = shifted_bits - 0x4B400000; /* n as an integer, from the low bits */
+    int32_t exponent = shifted_bits - 0x4B400000; /* n as an integer, from the low bits: -126 to 128 */
     float r = clamped - n * 0.693359375f - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -99,10 +99,12 @@ static inline float exp_vectorizable(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     float y = p * r * r + r + 1.0f;
-    uint32_t scale_bits = (uint32_t)(exponent + 127) << 23;
-    float scale;
-    memcpy(&scale, &scale_bits, sizeof scale);
-    y *= scale;
+    int32_t first = exponent / 2, second = exponent - first;
+    uint32_t first_bits = (uint32_t)(first + 127) << 23, second_bits = (uint32_t)(second + 127) << 23;
+    float first_scale, second_scale;
+    memcpy(&first_scale, &first_bits, sizeof first_scale);
+    memcpy(&second_scale, &second_bits, sizeof second_scale);
+    y = y * first_scale * second_scale;
     return x > 88.7228394f ? INFINITY : (x < -87.3365479f ? 0.0f : y);
 }
 
@@ -133,7 +135,34 @@ void swiglu_backward(const uint16_t *grad, const uint16_t *gate, const uint16_t 
             float e = exp_vectorizable(-g);
             float sigmoid = 1.0f / (1.0f + e);
             grad_up[i] = narrow(d * widen(narrow(g / (1.0f + e))));
-            grad_gate[i] = narrow(widen(narrow(d * widen(up[i]))) * (sigmoid * (1.0f + g * (1.0f - sigmoid))));
+            /* in PyTorch's order: (dy * s) * (1 + g (1 - s)) */
+            grad_gate[i] = narrow(widen(narrow(d * widen(up[i]))) * sigmoid * (1.0f + g * (1.0f - sigmoid)));
+        }
+    }
+}
+
+/* The rotary embedding as lora_cli/fused_layers.py writes it: out = x * cos + roll(x) * sin, roll swapping
+ * the two halves of the last dim (rotate_half's sign folded into sin by the caller), x * cos rounded to
+ * bf16 first as PyTorch's `addcmul(x * cos, roll(x), sin)` does. x and out are (batch, heads, length, dim)
+ * with any strides but a contiguous last dim (the projections' (batch, length, heads, dim) layout seen
+ * transposed); cos and sin are contiguous (length, dim) blocks, one per batch row or one shared
+ * (cos_batch_stride 0). */
+void rotary(const uint16_t *x, int64_t x_batch, int64_t x_head, int64_t x_position, const uint16_t *cos,
+            const uint16_t *sin, int64_t cos_batch_stride, uint16_t *out, int64_t out_batch, int64_t out_head,
+            int64_t out_position, int64_t batch, int64_t heads, int64_t length, int64_t dim, int threads) {
+    int64_t half = dim / 2;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t item = 0; item < batch * length; item++) {
+        int64_t b = item / length, position = item % length;
+        const uint16_t *c = cos + b * cos_batch_stride + position * dim;
+        const uint16_t *s = sin + b * cos_batch_stride + position * dim;
+        for (int64_t h = 0; h < heads; h++) {
+            const uint16_t *in = x + b * x_batch + h * x_head + position * x_position;
+            uint16_t *result = out + b * out_batch + h * out_head + position * out_position;
+            for (int64_t d = 0; d < half; d++)
+                result[d] = narrow(widen(narrow(widen(in[d]) * widen(c[d]))) + widen(in[d + half]) * widen(s[d]));
+            for (int64_t d = half; d < dim; d++)
+                result[d] = narrow(widen(narrow(widen(in[d]) * widen(c[d]))) + widen(in[d - half]) * widen(s[d]));
         }
     }
 }

@@ -4,7 +4,8 @@ In a bf16 step of the default model on a 2-core CPU, the RMSNorms cost about 1.2
 forward and backward): a dozen PyTorch kernels each, several mixing bf16 and fp32, which PyTorch runs
 on a slow path. The same math as one pass over each row, forward and backward, takes 0.25 ms, and the
 step ran 5 to 7% faster. The MLP's `silu(gate) * up` is one pass forward and one backward too, where
-autograd runs five and keeps one more tensor (1 to 2% of a step).
+autograd runs five and keeps one more tensor (1 to 2% of a step), and so is the rotary embedding of q
+and k, read and written in the projections' own layout (3%).
 
 The kernels are plain C (cpu_kernels.c, no PyTorch headers), built on first use with the system's C
 compiler for this CPU (`-march=native`), in well under a second, and kept in the user cache
@@ -21,6 +22,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -44,13 +46,13 @@ def library() -> Any:
     """The loaded kernels (a ctypes library), or None where they are switched off or cannot be built."""
     if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CC", "")) or [
+        found for found in (shutil.which(name) for name in ("cc", "gcc", "clang")) if found][:1]
+    if not compiler:
         log.debug("No C compiler found: PyTorch's own kernels are used")
         return None
     try:
-        path = _built(compiler)
-        lib = ctypes.CDLL(str(path))
+        lib = _load(compiler)
     except (OSError, subprocess.SubprocessError) as error:
         log.debug("The CPU kernels could not be built or loaded (%s): PyTorch's own kernels are used", error)
         return None
@@ -59,7 +61,10 @@ def library() -> Any:
     lib.rms_norm_backward.argtypes = [pointer, pointer, pointer, pointer, pointer, size, size, count]
     lib.swiglu_forward.argtypes = [pointer, pointer, pointer, size, count]
     lib.swiglu_backward.argtypes = [pointer, pointer, pointer, pointer, pointer, size, count]
-    for function in (lib.rms_norm_forward, lib.rms_norm_backward, lib.swiglu_forward, lib.swiglu_backward):
+    lib.rotary.argtypes = [pointer, size, size, size, pointer, pointer, size, pointer, size, size, size,
+                           size, size, size, size, count]
+    for function in (lib.rms_norm_forward, lib.rms_norm_backward, lib.swiglu_forward, lib.swiglu_backward,
+                     lib.rotary):
         function.restype = None
     return lib
 
@@ -110,6 +115,27 @@ def swiglu_backward(grad: Any, gate: Any, up: Any) -> tuple[Any, Any]:
     return grad_gate, grad_up
 
 
+def rotary(x: Any, cos: Any, sin: Any) -> Any | None:
+    """`x * cos + roll(x) * sin` (roll: the halves of the last dim swapped) for bf16 x of shape (batch, heads,
+    length, dim) and cos, sin of shape (batch or 1, 1, length, dim), the result in x's layout; None where the
+    layouts are not the kernel's (the last dim not contiguous, cos and sin not contiguous blocks, dim odd)."""
+    import torch
+
+    if x.dim() != 4:
+        return None
+    batch, heads, length, dim = x.shape
+    if (dim % 2 or x.stride(-1) != 1 or cos.shape != sin.shape or cos.shape[1:] != (1, length, dim)
+            or cos.shape[0] not in (1, batch) or not (cos.is_contiguous() and sin.is_contiguous())):
+        return None
+    out = torch.empty_like(x)  # x's strides where x is dense, as PyTorch's elementwise ops keep them
+    if out.stride(-1) != 1:
+        return None
+    library().rotary(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(), sin.data_ptr(),
+                     length * dim if cos.shape[0] > 1 else 0, out.data_ptr(), out.stride(0), out.stride(1),
+                     out.stride(2), batch, heads, length, dim, torch.get_num_threads())
+    return out
+
+
 def handles(*tensors: Any) -> bool:
     """Whether these tensors are what the kernels take (bf16, on a CPU) and the kernels can be used here."""
     import torch
@@ -117,43 +143,57 @@ def handles(*tensors: Any) -> bool:
     return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors) and available()
 
 
-def _built(compiler: str) -> Path:
-    """The kernels' shared library for this source, compiler and CPU: from the cache, else built into it."""
+def _flag_sets() -> list[list[str]]:
+    """Compiler flags to try in turn: OpenMP (PyTorch's own runtime at run time) and this CPU's
+    instructions; without OpenMP (single-threaded kernels); without either."""
+    tuned = {"x86_64": ["-march=native"], "amd64": ["-march=native"], "aarch64": ["-mcpu=native"],
+             "arm64": ["-mcpu=native"]}.get(platform.machine().lower(), [])
+    return [["-fopenmp", *tuned], tuned, []]
+
+
+def _load(compiler: list[str]) -> Any:
+    """The kernels for this source, compiler, flags and CPU: from the cache, else built into it (or, where the
+    cache cannot be written, into a private folder of this process's own)."""
+    from lora_cli import __version__
     from lora_cli.cpu import _cpu_identity
     from lora_cli.models import cache_dir
 
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), platform.machine().encode(),
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(compiler).encode(), repr(_flag_sets()).encode(),
+                                     __version__.encode(), platform.machine().encode(),
                                      _cpu_identity().encode()])).hexdigest()[:16]
-    name = f"cpu_kernels-{key}.so"
-    for folder in (cache_dir() / "kernels", Path(tempfile.gettempdir()) / f"lora-kernels-{os.getuid()}"):
-        target = folder / name
-        if target.exists():
-            return target
+    cached = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
+    if cached.exists():
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue  # a cache that cannot be written: the temporary folder
-        _compile(compiler, target)
-        return target
-    raise OSError("no folder to build the CPU kernels in")
+            return ctypes.CDLL(str(cached))
+        except OSError:  # a damaged file (a machine that stopped mid-write): built again below
+            cached.unlink(missing_ok=True)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        _compile(compiler, cached)
+    except OSError as error:
+        log.debug("Building the CPU kernels in %s failed (%s): building them in a private folder", cached.parent,
+                  error)
+        cached = Path(tempfile.mkdtemp(prefix="lora-kernels-")) / cached.name
+        _compile(compiler, cached)
+    return ctypes.CDLL(str(cached))
 
 
-def _compile(compiler: str, target: Path) -> None:
-    """Compile into a temporary name and rename: processes building at once each put a whole library in place."""
-    tuned = {"x86_64": ["-march=native"], "amd64": ["-march=native"], "aarch64": ["-mcpu=native"],
-             "arm64": ["-mcpu=native"]}.get(platform.machine().lower(), [])
-    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+def _compile(compiler: list[str], target: Path) -> None:
+    """Compile into a temporary file beside the target and rename it: processes building at once each put
+    a whole library in place, and a failed build leaves nothing."""
+    handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f"{target.name}.", suffix=".tmp")
+    os.close(handle)
     failure = ""
-    # OpenMP where the compiler has it (PyTorch's own runtime at run time), single-threaded where not
-    for flags in (["-fopenmp", *tuned], tuned):
-        done = subprocess.run([compiler, "-O3", "-std=c11", "-shared", "-fPIC", *flags, "-o", str(partial),
-                               str(SOURCE), "-lm"], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-        if done.returncode == 0:
-            os.replace(partial, target)
-            log.debug("Built the CPU kernels (%s) into %s", " ".join(flags) or "no flags", target)
-            return
-        said = (done.stderr or done.stdout).strip().splitlines()
-        failure = said[-1] if said else f"exit status {done.returncode}"
-    partial.unlink(missing_ok=True)
-    raise OSError(f"{compiler} failed: {failure}")
+    try:
+        for flags in _flag_sets():
+            done = subprocess.run([*compiler, "-O3", "-std=c11", "-shared", "-fPIC", *flags, "-o", partial,
+                                   str(SOURCE), "-lm"], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+            if done.returncode == 0:
+                os.replace(partial, target)
+                log.debug("Built the CPU kernels (%s) into %s", " ".join(flags) or "no flags", target)
+                return
+            said = (done.stderr or done.stdout).strip().splitlines()
+            failure = said[-1] if said else f"exit status {done.returncode}"
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    raise OSError(f"{' '.join(compiler)} failed: {failure}")

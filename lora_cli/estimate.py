@@ -305,12 +305,14 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
     base_params, linears, adapted, trainable, total, targets = _build_peft_model(
         model_config, r, lora_alpha, target_modules, use_dora, lora_dropout, compute_dtype)
 
+    silu = getattr(model_config, "hidden_act", None) in ("silu", "swish")  # the compiled kernel's SwiGLU
+
     def activations(batch: int, checkpointing: bool = gradient_checkpointing, cpu: bool = kind == "cpu") -> int:
         return sum(_activation_parts(shape, adapted, batch=batch, seq=max_seq_len, p=p, r=r, quantization=quantization,
                                      use_dora=use_dora, lora_dropout=lora_dropout, packing=packing,
                                      checkpointing=checkpointing, cpu=cpu, chunked_loss=chunked_loss,
                                      fused=fused_layers and cpu,
-                                     compiled=fused_layers and cpu and compiled_kernels).values())
+                                     compiled=fused_layers and cpu and compiled_kernels and silu).values())
 
     act_ckpt, act_full = activations(batch_size, True), activations(batch_size, False)
     memory = {

@@ -18,7 +18,8 @@ Here each is one autograd function or one fused kernel, with the same math:
   `g*cos + roll(g)*sin''` (3 passes);
 - LoRA: `addmm(base(x), x @ A.T, B.T, alpha=scaling)` in the compute dtype (the product accumulated
   in fp32 and rounded once);
-- the MLP's `silu(gate) * up`: one compiled pass forward and one backward, where the kernels build.
+- the MLP's `silu(gate) * up`: one compiled pass forward and one backward, where the kernels build
+  (lora_cli/cpu_kernels.py), and the rotary embedding one compiled pass each way there too.
 
 Only code that is transformers' own Llama code (compared by bytecode) and plain LoRA layers (one adapter,
 no dropout, no DoRA) are touched; anything else keeps its forward. `disable` puts every forward back.
@@ -45,12 +46,14 @@ def enable(model: Any) -> dict[str, int]:
     of a layer: that module's function is replaced, for every model of that architecture in this process,
     until `disable`. It computes the same values, so a model that was not enabled loses nothing.
     """
+    from lora_cli import cpu_kernels
+
     counts = {"norms": 0, "rotary": 0, "lora": 0, "mlp": 0}
     for module in model.modules():
         if _is_llama_rms_norm(module):
             module.forward = functools.partial(_rms_norm_forward, module)
             counts["norms"] += 1
-        elif _is_llama_silu_mlp(module):
+        elif _is_llama_silu_mlp(module) and cpu_kernels.available():  # PyTorch's own ops otherwise: as they are
             module.forward = functools.partial(_mlp_forward, module)
             counts["mlp"] += 1
         elif _is_plain_lora_linear(module):
@@ -124,6 +127,7 @@ def _rms_norm_forward(module: Any, hidden: Any) -> Any:
 @functools.cache
 def _rms_norm_function() -> Any:
     import torch
+    from torch.autograd.function import once_differentiable
 
     from lora_cli import cpu_kernels
 
@@ -133,7 +137,7 @@ def _rms_norm_function() -> Any:
         @staticmethod
         def forward(ctx: Any, x: Any, weight: Any, eps: float) -> Any:
             # the same values in one pass over each row where the compiled kernels can be used
-            ctx.compiled = cpu_kernels.handles(x, weight)
+            ctx.compiled = weight.shape == x.shape[-1:] and cpu_kernels.handles(x, weight)
             if ctx.compiled:
                 x = x.contiguous()
                 out, inverse_rms = cpu_kernels.rms_norm(x, weight, eps)
@@ -150,6 +154,7 @@ def _rms_norm_function() -> Any:
             return weight * normalized
 
         @staticmethod
+        @once_differentiable  # the compiled backward is not itself differentiable
         def backward(ctx: Any, grad: Any) -> tuple[Any, None, None]:
             x, inverse_rms, weight = ctx.saved_tensors
             if ctx.compiled and cpu_kernels.handles(grad):
@@ -187,6 +192,7 @@ def _mlp_forward(module: Any, x: Any) -> Any:
 @functools.cache
 def _swiglu_function() -> Any:
     import torch
+    from torch.autograd.function import once_differentiable
 
     from lora_cli import cpu_kernels
 
@@ -200,6 +206,7 @@ def _swiglu_function() -> Any:
             return cpu_kernels.swiglu(gate, up)
 
         @staticmethod
+        @once_differentiable
         def backward(ctx: Any, grad: Any) -> tuple[Any, Any]:
             gate, up = ctx.saved_tensors
             return cpu_kernels.swiglu_backward(grad.to(gate.dtype), gate, up)
@@ -247,17 +254,26 @@ def _roll_halves(x: Any) -> Any:
 @functools.cache
 def _rotary_function() -> Any:
     import torch
+    from torch.autograd.function import once_differentiable
+
+    from lora_cli import cpu_kernels
+
+    def rotate(x: Any, cos: Any, sin: Any) -> Any:
+        # one compiled pass where the kernels take the tensors, else three of PyTorch's, the same values
+        out = cpu_kernels.rotary(x, cos, sin) if cpu_kernels.handles(x, cos, sin) else None
+        return torch.addcmul(x * cos, _roll_halves(x), sin) if out is None else out
 
     class Rotary(torch.autograd.Function):
         @staticmethod
         def forward(ctx: Any, x: Any, cos: Any, forward_sin: Any, backward_sin: Any) -> Any:
             ctx.save_for_backward(cos, backward_sin)
-            return torch.addcmul(x * cos, _roll_halves(x), forward_sin)
+            return rotate(x, cos, forward_sin)
 
         @staticmethod
+        @once_differentiable
         def backward(ctx: Any, grad: Any) -> tuple[Any, None, None, None]:
             cos, backward_sin = ctx.saved_tensors
-            return torch.addcmul(grad * cos, _roll_halves(grad), backward_sin), None, None, None
+            return rotate(grad, cos, backward_sin), None, None, None
 
     return Rotary
 

@@ -671,14 +671,17 @@ def test_fused_layers_train_as_close_to_fp32_as_the_plain_bf16_layers_and_disabl
             param.data = param.data.to(torch.bfloat16)
     plain_loss, plain = loss_and_grads(bf16=True)
     # 2 layers x 2 norms + the final norm; q and v of 2 layers; Llama's rotary function
-    assert fused_layers.enable(model) == {"norms": 5, "rotary": 1, "lora": 4, "mlp": 2}
+    from lora_cli import cpu_kernels
+
+    swiglus = 2 if cpu_kernels.available() else 0  # PyTorch's own ops are left as they are without the kernels
+    assert fused_layers.enable(model) == {"norms": 5, "rotary": 1, "lora": 4, "mlp": swiglus}
     fused_loss, fused = loss_and_grads(bf16=True)
 
     assert abs(fused_loss - exact_loss) <= 2 * abs(plain_loss - exact_loss) + 1e-3
     for name in exact:
         assert exact[name].abs().sum() > 0  # every adapter is reached
         assert _relative_error(fused[name], exact[name]) <= 1.5 * _relative_error(plain[name], exact[name]) + 2e-3, name
-    assert fused_layers.disable(model) == 12
+    assert fused_layers.disable(model) == 10 + swiglus
     assert not any("forward" in vars(m) for m in model.modules())
     assert modeling_llama.apply_rotary_pos_emb is plain_rotary
     again_loss, again = loss_and_grads(bf16=True)
@@ -765,6 +768,20 @@ def test_each_fused_layer_computes_its_plain_layers_values_and_gradients(plain_r
     assert not torch.allclose(peft_out, base_out)  # the adapter adds something to test
 
 
+def _require_compiled_kernels():
+    """Skip where the compiled CPU kernels are not meant to be used; fail where they are and do not build."""
+    import os
+    import shutil
+
+    from lora_cli import cpu_kernels
+
+    if os.environ.get(cpu_kernels.SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        pytest.skip(f"{cpu_kernels.SWITCH}=0: PyTorch's own kernels are used")
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        pytest.skip("no C compiler on this machine: PyTorch's own kernels are used")
+    assert cpu_kernels.available()  # a compiler that cannot build the kernels is a failure, not a skip
+
+
 def test_compiled_rms_norm_kernel_gives_the_pytorch_paths_values(monkeypatch):
     """The compiled RMSNorm (lora_cli/cpu_kernels.c), forward and backward, against transformers' bf16
     RMSNorm and the fused layer's PyTorch path, on rows of a width that is not a multiple of the kernel's
@@ -775,9 +792,7 @@ def test_compiled_rms_norm_kernel_gives_the_pytorch_paths_values(monkeypatch):
 
     from lora_cli import cpu_kernels, fused_layers
 
-    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
-        pytest.skip("no C compiler on this machine: PyTorch's own kernels are used")
-    assert cpu_kernels.available()  # a compiler that cannot build the kernels is a failure, not a skip
+    _require_compiled_kernels()
     norm_function = fused_layers._rms_norm_function()
     generator = torch.Generator().manual_seed(0)
     weight = (torch.rand(100, generator=generator) + 0.5).to(torch.bfloat16)
@@ -804,6 +819,13 @@ def test_compiled_rms_norm_kernel_gives_the_pytorch_paths_values(monkeypatch):
         torch.testing.assert_close(compiled_grad, torch_grad, rtol=2 ** -7, atol=2 ** -7 * largest)
         assert (compiled_grad != torch_grad).sum() <= 0.01 * torch_grad.numel()
 
+    # an input seen transposed and a gradient that is one value broadcast (as `.sum().backward()` gives it)
+    x = torch.randn(100, 6, generator=generator).to(torch.bfloat16).t()
+    grad = torch.ones(()).to(torch.bfloat16).expand(6, 100)
+    (compiled_out, compiled_grad), (torch_out, torch_grad) = (out_and_grad(x, grad, c) for c in (True, False))
+    assert torch.equal(compiled_out, plain(x))
+    torch.testing.assert_close(compiled_grad, torch_grad, rtol=2 ** -7, atol=2 ** -7 * float(torch_grad.abs().max()))
+
     x = torch.randn(3, 100, generator=generator).to(torch.bfloat16)
     x[1, 7] = float("nan")
     out, grad = out_and_grad(x, torch.ones(3, 100, dtype=torch.bfloat16), True)
@@ -819,10 +841,10 @@ def test_compiled_swiglu_kernel_gives_pytorchs_values_and_gradients():
 
     from lora_cli import cpu_kernels, fused_layers
 
-    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
-        pytest.skip("no C compiler on this machine: PyTorch's own kernels are used")
+    _require_compiled_kernels()
     generator = torch.Generator().manual_seed(0)
-    edges = torch.tensor([0.0, -0.0, 1e-3, -1e-3, 60.0, -60.0, 80.0, -80.0, float("inf"), float("-inf"), float("nan")])
+    edges = torch.tensor([0.0, -0.0, 1e-3, -1e-3, 60.0, -60.0, 87.5, -87.5, 88.5, -88.5, 89.0, -89.0, 100.0, -100.0,
+                          float("inf"), float("-inf"), float("nan")])
     for scale in (1.0, 4.0, 12.0):
         gate = (torch.randn(5, 33, 97, generator=generator) * scale)
         gate.view(-1)[:edges.numel()] = edges
@@ -837,6 +859,8 @@ def test_compiled_swiglu_kernel_gives_pytorchs_values_and_gradients():
             results.append((out.detach(), g.grad, u.grad))
         for compiled, plain in zip(*results):
             assert compiled.dtype == torch.bfloat16
+            edge = slice(0, edges.numel())
+            assert torch.equal(compiled.view(-1)[edge].nan_to_num(), plain.view(-1)[edge].nan_to_num())
             assert torch.equal(compiled.isnan(), plain.isnan())
             finite = plain.isfinite()
             assert torch.equal(compiled[~finite & ~plain.isnan()], plain[~finite & ~plain.isnan()])
@@ -844,10 +868,44 @@ def test_compiled_swiglu_kernel_gives_pytorchs_values_and_gradients():
             assert (compiled[finite] != plain[finite]).sum() <= 0.001 * plain.numel()
 
 
-def test_compiled_kernels_are_built_once_and_can_be_switched_off(monkeypatch, tmp_path):
-    """The library is built into the cache and taken from there next time; LORA_CPU_KERNELS=0 and a
-    missing compiler each leave PyTorch's kernels in place."""
+def test_compiled_rotary_kernel_gives_the_pytorch_paths_values_in_the_same_layout(monkeypatch):
+    """The rotary embedding through the compiled kernel against the fused layer's PyTorch path: the same
+    bf16 values forward and backward, for q laid out as the projections give it (heads seen transposed),
+    a contiguous k, one cos/sin per batch row or one shared, and the output in its input's layout."""
     import shutil
+
+    from lora_cli import cpu_kernels, fused_layers
+
+    _require_compiled_kernels()
+    generator = torch.Generator().manual_seed(0)
+    for batch, cos_rows in ((2, 2), (2, 1), (1, 1)):
+        q_proj = torch.randn(batch, 29, 6 * 16, generator=generator).to(torch.bfloat16)
+        k = torch.randn(batch, 2, 29, 16, generator=generator).to(torch.bfloat16)
+        cos, sin = (torch.randn(cos_rows, 29, 16, generator=generator).to(torch.bfloat16) for _ in range(2))
+        grads = [torch.randn(batch, heads, 29, 16, generator=generator).to(torch.bfloat16) for heads in (6, 2)]
+        results = []
+        for compiled in (True, False):
+            original = cpu_kernels.rotary
+            monkeypatch.setattr(cpu_kernels, "rotary", original if compiled else lambda *args: None)
+            q_leaf, k_leaf = q_proj.clone().requires_grad_(), k.clone().requires_grad_()
+            q = q_leaf.view(batch, 29, 6, 16).transpose(1, 2)
+            outs = fused_layers._rotary(q, k_leaf, cos, sin)
+            torch.autograd.backward(outs, grads)
+            results.append(([o.detach() for o in outs], [o.stride() for o in outs], q_leaf.grad, k_leaf.grad))
+            monkeypatch.setattr(cpu_kernels, "rotary", original)
+        (outs, strides, q_grad, k_grad), (plain_outs, plain_strides, plain_q_grad, plain_k_grad) = results
+        assert strides == plain_strides == [(29 * 6 * 16, 16, 6 * 16, 1), (2 * 29 * 16, 29 * 16, 16, 1)]
+        for value, plain in zip(outs + [q_grad, k_grad], plain_outs + [plain_q_grad, plain_k_grad]):
+            assert torch.equal(value, plain)
+
+
+def test_compiled_kernels_are_built_once_and_can_be_switched_off(monkeypatch, tmp_path):
+    """The library is built into the cache and taken from there next time (a damaged one is built again);
+    LORA_CPU_KERNELS=0 and a missing compiler each leave PyTorch's kernels in place."""
+    import os
+    import shutil
+    import subprocess
+    import sys
 
     from lora_cli import cpu_kernels
 
@@ -855,11 +913,19 @@ def test_compiled_kernels_are_built_once_and_can_be_switched_off(monkeypatch, tm
     monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path))
     try:
         if compiler:
-            built = cpu_kernels._built(compiler)
-            assert built.parent == tmp_path / "kernels" and built.stat().st_size > 0
+            cpu_kernels._load([compiler])
+            (built,) = (tmp_path / "kernels").iterdir()  # the library, and no partial file beside it
+            assert built.name.endswith(".so") and built.stat().st_size > 0
             when = built.stat().st_mtime_ns
-            assert cpu_kernels._built(compiler) == built and built.stat().st_mtime_ns == when
-            assert [p.name for p in built.parent.iterdir()] == [built.name]  # no partial file left
+            cpu_kernels._load([compiler])
+            assert list(built.parent.iterdir()) == [built] and built.stat().st_mtime_ns == when  # not built again
+            # a damaged library is built again; in another process, as this one has the library loaded
+            damaged = tmp_path / "damaged"
+            damaged.write_bytes(b"cut short")
+            os.replace(damaged, built)
+            subprocess.run([sys.executable, "-c", f"from lora_cli import cpu_kernels; cpu_kernels._load([{compiler!r}])"],
+                           check=True, env={**os.environ, "LORA_CACHE_DIR": str(tmp_path)})
+            assert list(built.parent.iterdir()) == [built] and built.stat().st_size > 1000
         monkeypatch.setenv("LORA_CPU_KERNELS", "0")
         cpu_kernels.library.cache_clear()
         assert cpu_kernels.library() is None and not cpu_kernels.handles(torch.ones(1, dtype=torch.bfloat16))
