@@ -9,7 +9,8 @@ and k, read and written in the projections' own layout (3%).
 
 The kernels are plain C (cpu_kernels.c, no PyTorch headers), built on first use with the system's C
 compiler for this CPU (`-march=native`), in well under a second, and kept in the user cache
-(LORA_CACHE_DIR) under a name that hashes the source, the compiler and the CPU. Where there is no
+(LORA_CACHE_DIR) under a name that hashes the source, the compiler, the flags, lora's version and the
+CPU. Where there is no
 compiler, or the build fails, `library()` is None and the callers keep PyTorch's own kernels, which
 compute the same values. `LORA_CPU_KERNELS=0` keeps PyTorch's kernels too.
 """
@@ -44,10 +45,9 @@ def available() -> bool:
 @functools.cache
 def library() -> Any:
     """The loaded kernels (a ctypes library), or None where they are switched off or cannot be built."""
-    if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off():
         return None
-    compiler = shlex.split(os.environ.get("CC", "")) or [
-        found for found in (shutil.which(name) for name in ("cc", "gcc", "clang")) if found][:1]
+    compiler = find_compiler()
     if not compiler:
         log.debug("No C compiler found: PyTorch's own kernels are used")
         return None
@@ -69,6 +69,18 @@ def library() -> Any:
     return lib
 
 
+def switched_off() -> bool:
+    """Whether LORA_CPU_KERNELS turns the kernels off ("0", "false", "no" or "off")."""
+    return os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def find_compiler() -> list[str]:
+    """The C compiler's command: CC (split as a shell would), else the first of cc, gcc and clang on PATH;
+    empty where there is none."""
+    return shlex.split(os.environ.get("CC", "")) or [
+        found for found in (shutil.which(name) for name in ("cc", "gcc", "clang")) if found][:1]
+
+
 def rms_norm(x: Any, weight: Any, eps: float) -> tuple[Any, Any]:
     """transformers' LlamaRMSNorm of bf16 `x` with a bf16 weight: (output, inverse rms per row in fp32)."""
     import torch
@@ -86,10 +98,10 @@ def rms_norm_backward(grad: Any, x: Any, inverse_rms: Any, weight: Any) -> Any:
     """The input gradient of `rms_norm`, from its contiguous input and inverse rms."""
     import torch
 
-    grad = grad.contiguous()
+    grad, weight = grad.contiguous(), weight.contiguous()  # held here: the kernel reads them after data_ptr()
     width = x.shape[-1]
     grad_x = torch.empty_like(x)
-    library().rms_norm_backward(grad.data_ptr(), x.data_ptr(), inverse_rms.data_ptr(), weight.contiguous().data_ptr(),
+    library().rms_norm_backward(grad.data_ptr(), x.data_ptr(), inverse_rms.data_ptr(), weight.data_ptr(),
                                 grad_x.data_ptr(), x.numel() // width, width, torch.get_num_threads())
     return grad_x
 
@@ -170,7 +182,7 @@ def _load(compiler: list[str]) -> Any:
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         _compile(compiler, cached)
-    except OSError as error:
+    except OSError as error:  # the folder, not the compiler (that is a SubprocessError): never built twice
         log.debug("Building the CPU kernels in %s failed (%s): building them in a private folder", cached.parent,
                   error)
         cached = Path(tempfile.mkdtemp(prefix="lora-kernels-")) / cached.name
@@ -186,8 +198,11 @@ def _compile(compiler: list[str], target: Path) -> None:
     failure = ""
     try:
         for flags in _flag_sets():
-            done = subprocess.run([*compiler, "-O3", "-std=c11", "-shared", "-fPIC", *flags, "-o", partial,
-                                   str(SOURCE), "-lm"], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+            try:
+                done = subprocess.run([*compiler, "-O3", "-std=c11", "-shared", "-fPIC", *flags, "-o", partial,
+                                       str(SOURCE), "-lm"], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+            except OSError as error:  # no such compiler: not the folder's fault
+                raise subprocess.SubprocessError(f"{' '.join(compiler)} cannot be run: {error}") from error
             if done.returncode == 0:
                 os.replace(partial, target)
                 log.debug("Built the CPU kernels (%s) into %s", " ".join(flags) or "no flags", target)
@@ -196,4 +211,4 @@ def _compile(compiler: list[str], target: Path) -> None:
             failure = said[-1] if said else f"exit status {done.returncode}"
     finally:
         Path(partial).unlink(missing_ok=True)
-    raise OSError(f"{' '.join(compiler)} failed: {failure}")
+    raise subprocess.SubprocessError(f"{' '.join(compiler)} failed: {failure}")

@@ -770,14 +770,11 @@ def test_each_fused_layer_computes_its_plain_layers_values_and_gradients(plain_r
 
 def _require_compiled_kernels():
     """Skip where the compiled CPU kernels are not meant to be used; fail where they are and do not build."""
-    import os
-    import shutil
-
     from lora_cli import cpu_kernels
 
-    if os.environ.get(cpu_kernels.SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if cpu_kernels.switched_off():
         pytest.skip(f"{cpu_kernels.SWITCH}=0: PyTorch's own kernels are used")
-    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+    if not cpu_kernels.find_compiler():
         pytest.skip("no C compiler on this machine: PyTorch's own kernels are used")
     assert cpu_kernels.available()  # a compiler that cannot build the kernels is a failure, not a skip
 
@@ -786,8 +783,6 @@ def test_compiled_rms_norm_kernel_gives_the_pytorch_paths_values(monkeypatch):
     """The compiled RMSNorm (lora_cli/cpu_kernels.c), forward and backward, against transformers' bf16
     RMSNorm and the fused layer's PyTorch path, on rows of a width that is not a multiple of the kernel's
     16 lanes, with large and small values, an empty batch, and a NaN that stays in its own row."""
-    import shutil
-
     from transformers.models.llama import modeling_llama
 
     from lora_cli import cpu_kernels, fused_layers
@@ -837,9 +832,7 @@ def test_compiled_swiglu_kernel_gives_pytorchs_values_and_gradients():
     """The MLP's `silu(gate) * up` through the compiled kernel against PyTorch's bf16 ops, forward and both
     gradients: the same bf16 values (its exp is not PyTorch's, so a rare value may round the other way), and
     PyTorch's answers at the edges (0, large values, inf, NaN)."""
-    import shutil
-
-    from lora_cli import cpu_kernels, fused_layers
+    from lora_cli import fused_layers
 
     _require_compiled_kernels()
     generator = torch.Generator().manual_seed(0)
@@ -872,8 +865,6 @@ def test_compiled_rotary_kernel_gives_the_pytorch_paths_values_in_the_same_layou
     """The rotary embedding through the compiled kernel against the fused layer's PyTorch path: the same
     bf16 values forward and backward, for q laid out as the projections give it (heads seen transposed),
     a contiguous k, one cos/sin per batch row or one shared, and the output in its input's layout."""
-    import shutil
-
     from lora_cli import cpu_kernels, fused_layers
 
     _require_compiled_kernels()
@@ -909,21 +900,21 @@ def test_compiled_kernels_are_built_once_and_can_be_switched_off(monkeypatch, tm
 
     from lora_cli import cpu_kernels
 
-    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    compiler = cpu_kernels.find_compiler()
     monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path))
     try:
         if compiler:
-            cpu_kernels._load([compiler])
+            cpu_kernels._load(compiler)
             (built,) = (tmp_path / "kernels").iterdir()  # the library, and no partial file beside it
             assert built.name.endswith(".so") and built.stat().st_size > 0
             when = built.stat().st_mtime_ns
-            cpu_kernels._load([compiler])
+            cpu_kernels._load(compiler)
             assert list(built.parent.iterdir()) == [built] and built.stat().st_mtime_ns == when  # not built again
             # a damaged library is built again; in another process, as this one has the library loaded
             damaged = tmp_path / "damaged"
             damaged.write_bytes(b"cut short")
             os.replace(damaged, built)
-            subprocess.run([sys.executable, "-c", f"from lora_cli import cpu_kernels; cpu_kernels._load([{compiler!r}])"],
+            subprocess.run([sys.executable, "-c", f"from lora_cli import cpu_kernels; cpu_kernels._load({compiler!r})"],
                            check=True, env={**os.environ, "LORA_CACHE_DIR": str(tmp_path)})
             assert list(built.parent.iterdir()) == [built] and built.stat().st_size > 1000
         monkeypatch.setenv("LORA_CPU_KERNELS", "0")
