@@ -7,7 +7,11 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 static inline float widen(uint16_t bits) {
     uint32_t wide = (uint32_t)bits << 16;
@@ -165,4 +169,379 @@ void rotary(const uint16_t *x, int64_t x_batch, int64_t x_head, int64_t x_positi
                 result[d] = narrow(widen(narrow(widen(in[d]) * widen(c[d]))) + widen(in[d - half]) * widen(s[d]));
         }
     }
+}
+
+/* ---- Attention within the examples of a packed row -------------------------------------------------------
+ *
+ * PyTorch runs each example's causal attention as batched matmuls over the whole square of scores (half of it
+ * masked), a softmax and their backwards: a dozen kernels per example and layer, each paying oneDNN's set-up on
+ * 64-wide heads. Here one call does a packed row's forward and one its backward, causal blocks only, in fp32 from
+ * the bf16 inputs (PyTorch rounds the scores and probabilities to bf16 between its kernels). The backward
+ * recomputes the probabilities from the forward's log-sum-exp, as FlashAttention does, so only the output and one
+ * float per row and head are kept.
+ *
+ * The products are register-blocked for the compiler's vectors (GCC's vector extension, so no intrinsics):
+ * 8 query rows x 32 keys for the scores, 6 rows x 64 dims for the weighted sums; keys are copied once into
+ * panels of 32 transposed keys so that a block reads them in order. Only this section contracts a * b + c into
+ * fused multiply-adds: the kernels above keep PyTorch's roundings. */
+#if defined(__clang__)
+#pragma clang fp contract(fast)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=fast")
+#endif
+
+typedef float vec __attribute__((vector_size(64)));
+#define VW 16     /* floats in a vec */
+#define KEYS 32   /* keys in a score block: two vecs, and the width of a key panel */
+#define SROWS 8   /* query rows in a score block */
+#define WROWS 6   /* rows in a weighted-sum block */
+#define TILE 24   /* query rows (or keys) in one work item: a multiple of SROWS and of WROWS */
+#define CHUNK 64  /* head dims in a weighted-sum block: four vecs */
+
+static inline vec vload(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, vec v) { memcpy(p, &v, sizeof v); }
+static inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+static inline int64_t smaller(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* This thread's number in an OpenMP team (0 where the kernels were built without OpenMP). */
+static inline int thread_number(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* The largest of n floats, and their sum, in LANES partial results the compiler can keep in a vector. */
+static float row_max(const float *x, int64_t n) {
+    float partial[LANES];
+    for (int lane = 0; lane < LANES; lane++)
+        partial[lane] = -INFINITY;
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int lane = 0; lane < LANES; lane++)
+            partial[lane] = x[i + lane] > partial[lane] ? x[i + lane] : partial[lane];
+    float result = -INFINITY;
+    for (; i < n; i++)
+        result = x[i] > result ? x[i] : result;
+    for (int lane = 0; lane < LANES; lane++)
+        result = partial[lane] > result ? partial[lane] : result;
+    return result;
+}
+
+static float row_sum(const float *x, int64_t n) {
+    float partial[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int lane = 0; lane < LANES; lane++)
+            partial[lane] += x[i + lane];
+    float result = 0.0f;
+    for (; i < n; i++)
+        result += x[i];
+    for (int lane = 0; lane < LANES; lane++)
+        result += partial[lane];
+    return result;
+}
+
+/* scores[r][j] = sum_d rows[r][d] * key_j[d] for SROWS rows (row stride dim) and keys 0..keys-1, keys a
+ * multiple of KEYS, from key panels: [keys / KEYS][dim][KEYS], each block of KEYS keys transposed. */
+static void score_block(const float *rows, int64_t dim, const float *panels, int64_t keys, float *scores,
+                        int64_t score_stride) {
+    for (int64_t j = 0; j < keys; j += KEYS) {
+        const float *panel = panels + j * dim;
+        vec a[SROWS][2];
+        for (int r = 0; r < SROWS; r++)
+            a[r][0] = a[r][1] = (vec){0};
+        for (int64_t d = 0; d < dim; d++) {
+            vec c0 = vload(panel + d * KEYS), c1 = vload(panel + d * KEYS + VW);
+            for (int r = 0; r < SROWS; r++) {
+                float x = rows[r * dim + d];
+                a[r][0] += x * c0;
+                a[r][1] += x * c1;
+            }
+        }
+        for (int r = 0; r < SROWS; r++) {
+            vstore(scores + r * score_stride + j, a[r][0]);
+            vstore(scores + r * score_stride + j + VW, a[r][1]);
+        }
+    }
+}
+
+/* out[r] = sum_{j < count} weights[j * weight_step + r * weight_stride] * values[j] for WROWS rows r of out
+ * (each a row of dim floats), added to what out holds where `accumulate`. With weight_step 1, the weights of
+ * out row r are row r of a matrix (P v); with weight_stride 1, its column r (P^T v). */
+static void weighted_sum(const float *weights, int64_t weight_step, int64_t weight_stride, const float *values,
+                         int64_t value_stride, int64_t count, int64_t dim, float *out, int64_t out_stride,
+                         int accumulate) {
+    for (int64_t c = 0; c < dim; c += CHUNK) {
+        vec a[WROWS][4];
+        for (int r = 0; r < WROWS; r++)
+            for (int k = 0; k < 4; k++)
+                a[r][k] = accumulate ? vload(out + r * out_stride + c + k * VW) : (vec){0};
+        for (int64_t j = 0; j < count; j++) {
+            const float *v = values + j * value_stride + c;
+            vec v0 = vload(v), v1 = vload(v + VW), v2 = vload(v + 2 * VW), v3 = vload(v + 3 * VW);
+            const float *w = weights + j * weight_step;
+            for (int r = 0; r < WROWS; r++) {
+                float x = w[r * weight_stride];
+                a[r][0] += x * v0;
+                a[r][1] += x * v1;
+                a[r][2] += x * v2;
+                a[r][3] += x * v3;
+            }
+        }
+        for (int r = 0; r < WROWS; r++)
+            for (int k = 0; k < 4; k++)
+                vstore(out + r * out_stride + c + k * VW, a[r][k]);
+    }
+}
+
+/* Key panels for score_block, one set per example and kv head: panels[kv][example's first panel + j / KEYS][d][j % KEYS],
+ * zero past each example's end. panel_starts[e]: example e's first key slot (a multiple of KEYS). */
+static void make_panels(const uint16_t *x, int64_t x_token, int64_t x_head, const int64_t *starts,
+                        const int64_t *panel_starts, int64_t examples, int64_t kv_heads, int64_t dim, float *panels,
+                        int threads) {
+    int64_t slots = panel_starts[examples];
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t block = 0; block < kv_heads * (slots / KEYS); block++) {
+        int64_t kv = block / (slots / KEYS), slot = (block % (slots / KEYS)) * KEYS, e = 0;
+        while (panel_starts[e + 1] <= slot)
+            e++;
+        float *panel = panels + (kv * slots + slot) * dim;
+        for (int64_t j = 0; j < KEYS; j++) {
+            int64_t position = slot - panel_starts[e] + j, length = starts[e + 1] - starts[e];
+            const uint16_t *row = x + (starts[e] + position) * x_token + kv * x_head;
+            for (int64_t d = 0; d < dim; d++)
+                panel[d * KEYS + j] = position < length ? widen(row[d]) : 0.0f;
+        }
+    }
+}
+
+/* A work item's rows: TILE rows of (tokens, heads, dim)-strided bf16 from `first`, times scale, zero past `count`. */
+static void load_rows(const uint16_t *x, int64_t x_token, int64_t x_head, int64_t first, int64_t count, int64_t head,
+                      int64_t dim, float scale, float *rows) {
+    for (int64_t r = 0; r < TILE; r++)
+        for (int64_t d = 0; d < dim; d++)
+            rows[r * dim + d] = r < count ? widen(x[(first + r) * x_token + head * x_head + d]) * scale : 0.0f;
+}
+
+/* Each example's first key slot in the panels (its length rounded up to KEYS); returns the slots in all. */
+static int64_t panel_offsets(const int64_t *starts, int64_t examples, int64_t *panel_starts) {
+    panel_starts[0] = 0;
+    for (int64_t e = 0; e < examples; e++)
+        panel_starts[e + 1] = panel_starts[e] + round_up(starts[e + 1] - starts[e], KEYS);
+    return panel_starts[examples];
+}
+
+static int64_t longest_example(const int64_t *starts, int64_t examples) {
+    int64_t longest = 0;
+    for (int64_t e = 0; e < examples; e++)
+        longest = starts[e + 1] - starts[e] > longest ? starts[e + 1] - starts[e] : longest;
+    return longest;
+}
+
+/* Causal attention within each example of a packed row: softmax(scale * q k^T) v, in fp32 from bf16.
+ * q: (tokens, heads, dim) at strides q_token, q_head (dim contiguous); k, v likewise with kv_heads (query head
+ * h reads kv head h / (heads / kv_heads)). starts: the examples' first tokens and the row's end (examples + 1).
+ * out: (tokens, heads, dim) contiguous bf16; lse: (heads, tokens), each row's log-sum-exp, for the backward.
+ * dim a multiple of CHUNK. */
+int attention_forward(const uint16_t *q, int64_t q_token, int64_t q_head, const uint16_t *k, int64_t k_token,
+                       int64_t k_head, const uint16_t *v, int64_t v_token, int64_t v_head, const int64_t *starts,
+                       int64_t examples, int64_t heads, int64_t kv_heads, int64_t dim, float scale, uint16_t *out,
+                       float *lse, int threads) {
+    int64_t tokens = starts[examples], group = heads / kv_heads, longest = longest_example(starts, examples);
+    int64_t slots = 0, score_stride = round_up(longest, KEYS), per_thread = 2 * TILE * dim + TILE * score_stride;
+    int status = -1;
+    int64_t *panel_starts = malloc((size_t)(examples + 1) * sizeof(int64_t));
+    if (panel_starts)
+        slots = panel_offsets(starts, examples, panel_starts);
+    float *key_panels = malloc((size_t)(kv_heads * slots * dim) * sizeof(float));
+    float *values = malloc((size_t)(kv_heads * tokens * dim) * sizeof(float)); /* [kv][t][d] */
+    float *workspace = malloc((size_t)(threads * per_thread) * sizeof(float));
+    if (!panel_starts || !key_panels || !values || !workspace)
+        goto done;
+    make_panels(k, k_token, k_head, starts, panel_starts, examples, kv_heads, dim, key_panels, threads);
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t h = 0; h < kv_heads; h++)
+            for (int64_t d = 0; d < dim; d++)
+                values[(h * tokens + t) * dim + d] = widen(v[t * v_token + h * v_head + d]);
+    int64_t tiles = 0;
+    for (int64_t e = 0; e < examples; e++)
+        tiles += (starts[e + 1] - starts[e] + TILE - 1) / TILE;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *rows = workspace + thread_number() * per_thread, *result = rows + TILE * dim;
+        float *scores = result + TILE * dim;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < tiles * heads; item++) {
+            int64_t h = item % heads, tile = item / heads, e = 0;
+            while (tile >= (starts[e + 1] - starts[e] + TILE - 1) / TILE) {
+                tile -= (starts[e + 1] - starts[e] + TILE - 1) / TILE;
+                e++;
+            }
+            int64_t start = starts[e], length = starts[e + 1] - start, first = tile * TILE, kv = h / group;
+            int64_t count = smaller(length - first, TILE), seen = round_up(first + count, KEYS);
+            load_rows(q, q_token, q_head, start + first, count, h, dim, scale, rows);
+            for (int64_t r = 0; r < count; r += SROWS)
+                score_block(rows + r * dim, dim, key_panels + (kv * slots + panel_starts[e]) * dim, seen,
+                            scores + r * score_stride, score_stride);
+            for (int64_t r = 0; r < count; r++) {
+                float *s = scores + r * score_stride;
+                int64_t visible = first + r + 1; /* query first + r sees keys 0..first + r */
+                float peak = row_max(s, visible);
+                for (int64_t j = 0; j < visible; j++)
+                    s[j] = exp_vectorizable(s[j] - peak);
+                float sum = row_sum(s, visible);
+                float inverse = 1.0f / sum;
+                for (int64_t j = 0; j < visible; j++)
+                    s[j] *= inverse;
+                for (int64_t j = visible; j < seen; j++)
+                    s[j] = 0.0f;
+                lse[h * tokens + start + first + r] = peak + logf(sum);
+            }
+            for (int64_t r = 0; r < count; r += WROWS)
+                weighted_sum(scores + r * score_stride, 1, score_stride, values + (kv * tokens + start) * dim, dim,
+                             first + smaller(r + WROWS, count), dim, result + r * dim, dim, 0);
+            for (int64_t r = 0; r < count; r++)
+                for (int64_t d = 0; d < dim; d++)
+                    out[((start + first + r) * heads + h) * dim + d] = narrow(result[r * dim + d]);
+        }
+    }
+    status = 0;
+done:
+    free(panel_starts);
+    free(key_panels);
+    free(values);
+    free(workspace);
+    return status;
+}
+
+/* The gradients of attention_forward, from its inputs, its out and lse, and the gradient of out (grad, contiguous
+ * like out). grad_q: (tokens, heads, dim), grad_k and grad_v: (tokens, kv_heads, dim), all contiguous bf16. */
+int attention_backward(const uint16_t *grad, const uint16_t *q, int64_t q_token, int64_t q_head, const uint16_t *k,
+                        int64_t k_token, int64_t k_head, const uint16_t *v, int64_t v_token, int64_t v_head,
+                        const uint16_t *out, const float *lse, const int64_t *starts, int64_t examples, int64_t heads,
+                        int64_t kv_heads, int64_t dim, float scale, uint16_t *grad_q, uint16_t *grad_k,
+                        uint16_t *grad_v, int threads) {
+    int64_t tokens = starts[examples], group = heads / kv_heads, longest = longest_example(starts, examples);
+    int64_t slots = 0, stride = round_up(longest, KEYS) + KEYS, span = round_up(longest, TILE);
+    int status = -1;
+    int64_t *panel_starts = malloc((size_t)(examples + 1) * sizeof(int64_t));
+    if (panel_starts)
+        slots = panel_offsets(starts, examples, panel_starts);
+    float *key_panels = malloc((size_t)(kv_heads * slots * dim) * sizeof(float));
+    float *value_panels = malloc((size_t)(kv_heads * slots * dim) * sizeof(float));
+    /* padded by TILE rows: a last tile's rows past the row's end are read (their weights are zero) */
+    float *queries = malloc((size_t)(heads * tokens * dim + TILE * dim) * sizeof(float)); /* [h][t][d], scaled */
+    float *grads = malloc((size_t)(heads * tokens * dim + TILE * dim) * sizeof(float));   /* [h][t][d] */
+    float *keys = malloc((size_t)(kv_heads * tokens * dim) * sizeof(float));              /* [kv][t][d] */
+    float *deltas = malloc((size_t)(heads * tokens) * sizeof(float));  /* rowsum(grad * out) */
+    /* an example's probabilities and score gradients, [h][query][key], rows padded to whole tiles */
+    float *probs = malloc((size_t)(heads * span * stride) * sizeof(float));
+    float *dscores = malloc((size_t)(heads * span * stride) * sizeof(float));
+    float *workspace = malloc((size_t)(threads * 2 * TILE * dim) * sizeof(float));
+    if (!panel_starts || !key_panels || !value_panels || !queries || !grads || !keys || !deltas || !probs
+            || !dscores || !workspace)
+        goto done;
+    make_panels(k, k_token, k_head, starts, panel_starts, examples, kv_heads, dim, key_panels, threads);
+    make_panels(v, v_token, v_head, starts, panel_starts, examples, kv_heads, dim, value_panels, threads);
+    memset(queries + heads * tokens * dim, 0, (size_t)(TILE * dim) * sizeof(float));
+    memset(grads + heads * tokens * dim, 0, (size_t)(TILE * dim) * sizeof(float));
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tokens; t++) {
+        for (int64_t h = 0; h < heads; h++) {
+            float *g = grads + (h * tokens + t) * dim, *products = queries + (h * tokens + t) * dim;
+            for (int64_t d = 0; d < dim; d++) {  /* the query row holds grad * out until the sum is taken */
+                g[d] = widen(grad[(t * heads + h) * dim + d]);
+                products[d] = g[d] * widen(out[(t * heads + h) * dim + d]);
+            }
+            deltas[h * tokens + t] = row_sum(products, dim);
+            for (int64_t d = 0; d < dim; d++)
+                products[d] = widen(q[t * q_token + h * q_head + d]) * scale;
+        }
+        for (int64_t h = 0; h < kv_heads; h++)
+            for (int64_t d = 0; d < dim; d++)
+                keys[(h * tokens + t) * dim + d] = widen(k[t * k_token + h * k_head + d]);
+    }
+    for (int64_t e = 0; e < examples; e++) {
+        int64_t start = starts[e], length = starts[e + 1] - start, tiles = (length + TILE - 1) / TILE;
+        #pragma omp parallel num_threads(threads)
+        {
+            float *result = workspace + thread_number() * 2 * TILE * dim;
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t item = 0; item < tiles * heads; item++) {  /* the longest rows first */
+                int64_t h = item % heads, first = (tiles - 1 - item / heads) * TILE, kv = h / group;
+                int64_t count = smaller(length - first, TILE), seen = round_up(first + count, KEYS);
+                float *p = probs + (h * span + first) * stride, *ds = dscores + (h * span + first) * stride;
+                const float *query_rows = queries + (h * tokens + start + first) * dim;
+                const float *grad_rows = grads + (h * tokens + start + first) * dim;
+                for (int64_t r = 0; r < count; r += SROWS) {
+                    score_block(query_rows + r * dim, dim, key_panels + (kv * slots + panel_starts[e]) * dim, seen,
+                                p + r * stride, stride);
+                    score_block(grad_rows + r * dim, dim, value_panels + (kv * slots + panel_starts[e]) * dim, seen,
+                                ds + r * stride, stride);
+                }
+                for (int64_t r = 0; r < count; r++) {
+                    float *pr = p + r * stride, *dr = ds + r * stride;
+                    int64_t visible = first + r + 1;
+                    float shift = lse[h * tokens + start + first + r], delta = deltas[h * tokens + start + first + r];
+                    for (int64_t j = 0; j < visible; j++) {
+                        float prob = exp_vectorizable(pr[j] - shift);
+                        pr[j] = prob;
+                        dr[j] = prob * (dr[j] - delta);
+                    }
+                    for (int64_t j = visible; j < stride; j++)
+                        pr[j] = dr[j] = 0.0f;
+                }
+                for (int64_t r = 0; r < count; r += WROWS)
+                    weighted_sum(ds + r * stride, 1, stride, keys + (kv * tokens + start) * dim, dim,
+                                 first + smaller(r + WROWS, count), dim, result + r * dim, dim, 0);
+                for (int64_t r = 0; r < count; r++)
+                    for (int64_t d = 0; d < dim; d++)
+                        grad_q[((start + first + r) * heads + h) * dim + d] = narrow(result[r * dim + d] * scale);
+            }
+        }
+        int64_t key_tiles = (length + TILE - 1) / TILE;
+        #pragma omp parallel num_threads(threads)
+        {
+            float *result = workspace + thread_number() * 2 * TILE * dim;
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t item = 0; item < key_tiles * kv_heads; item++) {  /* the keys with most queries first */
+                int64_t kv = item % kv_heads, first = (item / kv_heads) * TILE, count = smaller(length - first, TILE);
+                for (int64_t j = 0; j < count; j += WROWS) {
+                    /* key first + j + r is seen by the queries from first + j + r on: the sums start at first + j
+                     * (the weights of the queries before a key are zero) */
+                    int64_t from = first + j;
+                    for (int64_t g = 0; g < group; g++) {
+                        int64_t h = kv * group + g;
+                        weighted_sum(probs + (h * span + from) * stride + from, stride, 1,
+                                     grads + (h * tokens + start + from) * dim, dim, length - from, dim,
+                                     result + j * dim, dim, g > 0);
+                        weighted_sum(dscores + (h * span + from) * stride + from, stride, 1,
+                                     queries + (h * tokens + start + from) * dim, dim, length - from, dim,
+                                     result + (TILE + j) * dim, dim, g > 0);
+                    }
+                }
+                for (int64_t r = 0; r < count; r++)
+                    for (int64_t d = 0; d < dim; d++) {
+                        grad_v[((start + first + r) * kv_heads + kv) * dim + d] = narrow(result[r * dim + d]);
+                        grad_k[((start + first + r) * kv_heads + kv) * dim + d] = narrow(result[(TILE + r) * dim + d]);
+                    }
+            }
+        }
+    }
+    status = 0;
+done:
+    free(panel_starts);
+    free(key_panels);
+    free(value_panels);
+    free(queries);
+    free(grads);
+    free(keys);
+    free(deltas);
+    free(probs);
+    free(dscores);
+    free(workspace);
+    return status;
 }

@@ -66,6 +66,12 @@ def library() -> Any:
     for function in (lib.rms_norm_forward, lib.rms_norm_backward, lib.swiglu_forward, lib.swiglu_backward,
                      lib.rotary):
         function.restype = None
+    strided = [pointer, size, size]  # a (tokens, heads, dim) tensor: its data, token stride and head stride
+    lib.attention_forward.argtypes = [*strided, *strided, *strided, pointer, size, size, size, size, real, pointer,
+                                      pointer, count]
+    lib.attention_backward.argtypes = [pointer, *strided, *strided, *strided, pointer, pointer, pointer, size, size,
+                                       size, size, real, pointer, pointer, pointer, count]
+    lib.attention_forward.restype = lib.attention_backward.restype = ctypes.c_int
     return lib
 
 
@@ -146,6 +152,61 @@ def rotary(x: Any, cos: Any, sin: Any) -> Any | None:
                      length * dim if cos.shape[0] > 1 else 0, out.data_ptr(), out.stride(0), out.stride(1),
                      out.stride(2), batch, heads, length, dim, torch.get_num_threads())
     return out
+
+
+# Attention's head width must be a whole number of the kernel's 64-float blocks (64 and 128: the Llama family).
+ATTENTION_DIM_BLOCK = 64
+
+
+def attention_takes(query: Any, key: Any, value: Any) -> bool:
+    """Whether `attention` takes these (batch, heads, tokens, dim) tensors: one bf16 row on a CPU, each head's
+    dims contiguous, whole 64-wide blocks, query heads a multiple of the key heads."""
+    return (query.dim() == 4 and query.shape[0] == 1 and key.shape == value.shape and key.shape[0] == 1
+            and query.shape[2] == key.shape[2] and query.shape[3] == key.shape[3]
+            and query.shape[3] % ATTENTION_DIM_BLOCK == 0 and query.shape[1] % key.shape[1] == 0
+            and all(t.stride(3) == 1 for t in (query, key, value)) and handles(query, key, value))
+
+
+def attention(query: Any, key: Any, value: Any, starts: Any, scale: float) -> tuple[Any, Any]:
+    """Causal attention within each example of one packed row, for tensors `attention_takes`: `starts` (int64)
+    holds each example's first token and the row's length. Returns the output, (1, tokens, heads, dim) contiguous
+    bf16, and each row's log-sum-exp, (heads, tokens) fp32, which `attention_backward` needs."""
+    import torch
+
+    _, heads, tokens, dim = query.shape
+    out = torch.empty((1, tokens, heads, dim), dtype=query.dtype)
+    lse = torch.empty((heads, tokens), dtype=torch.float32)
+    status = library().attention_forward(*_strided(query), *_strided(key), *_strided(value), starts.data_ptr(),
+                                         starts.numel() - 1, heads, key.shape[1], dim, scale, out.data_ptr(),
+                                         lse.data_ptr(), torch.get_num_threads())
+    if status:
+        raise MemoryError("Out of memory for the attention kernel's buffers")
+    return out, lse
+
+
+def attention_backward(grad: Any, query: Any, key: Any, value: Any, out: Any, lse: Any, starts: Any,
+                       scale: float) -> tuple[Any, Any, Any]:
+    """The gradients of `attention` for the gradient of its output: those of query, key and value, each
+    (1, heads, tokens, dim) seen over a contiguous (1, tokens, heads, dim) tensor, the projections' layout."""
+    import torch
+
+    grad = grad.to(out.dtype).contiguous()  # held here: the kernel reads it after data_ptr()
+    _, heads, tokens, dim = query.shape
+    grad_query = torch.empty((1, tokens, heads, dim), dtype=query.dtype)
+    grad_key = torch.empty((1, tokens, key.shape[1], dim), dtype=key.dtype)
+    grad_value = torch.empty_like(grad_key)
+    status = library().attention_backward(grad.data_ptr(), *_strided(query), *_strided(key), *_strided(value),
+                                          out.data_ptr(), lse.data_ptr(), starts.data_ptr(), starts.numel() - 1,
+                                          heads, key.shape[1], dim, scale, grad_query.data_ptr(),
+                                          grad_key.data_ptr(), grad_value.data_ptr(), torch.get_num_threads())
+    if status:
+        raise MemoryError("Out of memory for the attention kernel's buffers")
+    return grad_query.transpose(1, 2), grad_key.transpose(1, 2), grad_value.transpose(1, 2)
+
+
+def _strided(x: Any) -> tuple[int, int, int]:
+    """A (1, heads, tokens, dim) tensor as the kernels read it: data pointer, token stride, head stride."""
+    return x.data_ptr(), x.stride(2), x.stride(1)
 
 
 def handles(*tensors: Any) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.errors import ConfigError, ModelError, first_line
-from lora_cli.packed_attention import EAGER_MAX_TOKENS  # torch-free at import, like this module
+from lora_cli.packed_attention import COMPILED_MAX_SCRATCH_BYTES, EAGER_MAX_TOKENS  # torch-free at import, like this module
 from lora_cli.targets import check_present, for_model
 
 CONFIG_DIR = Path(__file__).parent / "assets" / "model_configs"
@@ -169,7 +169,8 @@ def _weights_bytes(base_params: int, linears, quantization, p: int) -> int:
 
 
 def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dora, lora_dropout, packing,
-                      checkpointing, cpu, chunked_loss, fused=False, compiled=False) -> dict:
+                      checkpointing, cpu, chunked_loss, fused=False, compiled=False,
+                      compiled_attention=False) -> dict:
     """Peak activation memory of one training step of a LLaMA decoder with SDPA attention, as `lora train` runs it.
 
     Formula: the tensors autograd saves in transformers' LlamaDecoderLayer, counted one by one and
@@ -182,7 +183,8 @@ def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dor
       k/v to all heads), output 4*h*p; logsumexp a*4; the additive mask row, s*p (packing: one
       row of b*s tokens, so b*s*p); on a CPU with packing `lora train` attends within each example
       instead (lora_cli/packed_attention.py): no mask, but examples of up to 256 tokens keep their
-      softmax output (compute dtype), a*min(s, 256)*p at most | SwiGLU: gate, silu, up
+      softmax output (compute dtype), a*min(s, 256)*p at most; through the compiled kernel
+      (`compiled_attention`) nothing but the output and the log-sum-exp, counted above | SwiGLU: gate, silu, up
       outputs 3*I*p; gate and up, 2*I*p, through the compiled kernel (`compiled`, lora_cli/cpu_kernels.py)
       LoRA, per adapted module: its input (under bf16/fp16 autocast a fresh p-byte copy per module;
       in fp32 one shared fp32 tensor) + lora_A output r*4; dropout adds its fp32 output (fp32 runs)
@@ -203,6 +205,8 @@ def _activation_parts(shape, adapted, *, batch, seq, p, r, quantization, use_dor
     tokens = batch * seq
     mask_row = tokens if packing else seq
     attention = heads * min(seq, EAGER_MAX_TOKENS) * p if cpu and packing else mask_row * p
+    if cpu and packing and compiled_attention:
+        attention = 0
     norm = h * p + 4 if fused and p != 4 else h * 4
     base = 2 * norm + 4 * 4 + 4 * attn * p + heads * 4 + attention + (2 if compiled else 3) * inter * p
     shared_inputs = p == 4 or (fused and lora_dropout == 0 and not use_dora)
@@ -289,7 +293,7 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
     two copies of each frozen bf16 projection (and of the output layer, with the chunked loss) in oneDNN's
     layout, for bf16 on a CPU (lora_cli/packed_weights.py).
     `fused_layers`: RMSNorm and LoRA as lora_cli/fused_layers.py runs them (bf16 on a CPU), and with
-    `compiled_kernels` (they build on this machine) SwiGLU through lora_cli/cpu_kernels.py.
+    `compiled_kernels` (they build on this machine) SwiGLU and packed rows' attention through lora_cli/cpu_kernels.py.
     """
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"Quantization must be 4bit, 8bit or none, not '{quantization}'.")
@@ -306,13 +310,17 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
         model_config, r, lora_alpha, target_modules, use_dora, lora_dropout, compute_dtype)
 
     silu = getattr(model_config, "hidden_act", None) in ("silu", "swish")  # the compiled kernel's SwiGLU
+    # the compiled attention (lora_cli/packed_attention.py): bf16, whole 64-wide head blocks, scratch under the cap
+    compiled_attention = (fused_layers and compiled_kernels and p == 2 and shape["head_dim"] % 64 == 0
+                          and 2 * shape["heads"] * max_seq_len * (max_seq_len + 64) * 4 <= COMPILED_MAX_SCRATCH_BYTES)
 
     def activations(batch: int, checkpointing: bool = gradient_checkpointing, cpu: bool = kind == "cpu") -> int:
         return sum(_activation_parts(shape, adapted, batch=batch, seq=max_seq_len, p=p, r=r, quantization=quantization,
                                      use_dora=use_dora, lora_dropout=lora_dropout, packing=packing,
                                      checkpointing=checkpointing, cpu=cpu, chunked_loss=chunked_loss,
                                      fused=fused_layers and cpu,
-                                     compiled=fused_layers and cpu and compiled_kernels and silu).values())
+                                     compiled=fused_layers and cpu and compiled_kernels and silu,
+                                     compiled_attention=compiled_attention).values())
 
     act_ckpt, act_full = activations(batch_size, True), activations(batch_size, False)
     memory = {

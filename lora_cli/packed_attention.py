@@ -7,6 +7,10 @@ boundaries the packing collator hands over (`cu_seq_lens_q`, the same kwargs Fla
 and runs plain causal attention on each example alone, which is the same result for a quarter of
 the work. Anything that is not a packed row (padded batches, generation with a cache) goes to
 transformers' own SDPA attention with its usual mask.
+
+In bf16, where the compiled CPU kernels build (lora_cli/cpu_kernels.py), a packed row's attention is one
+compiled call forward and one backward, for all its examples: causal blocks only, in fp32, where PyTorch
+runs a dozen kernels per example over the whole square of scores.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ NAME = "lora_packed_sdpa"
 # above it the flash kernel's O(n) memory matters more (eager keeps n^2 scores a head).
 # (lora_cli/estimate.py reads this value.)
 EAGER_MAX_TOKENS = 256
+
+# The compiled kernel's backward holds two fp32 (tokens x tokens) blocks per head of the longest example
+# (its probabilities and their gradients): rows with a longer example take the path above instead.
+COMPILED_MAX_SCRATCH_BYTES = 256 * 2**20
 
 
 def register() -> str:
@@ -50,6 +58,8 @@ def packed_attention_forward(module: Any, query: Any, key: Any, value: Any, atte
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if not dropout and _compiled_takes(query, key, value, max(lengths)):
+        return _compiled_function().apply(query, key, value, bounds, scale), None
     groups = query.shape[1] // key.shape[1]
     # split, not slicing: the backward of a split is one concatenation, where each slice's backward
     # would write a whole-row zero tensor and add it into the gradient.
@@ -90,3 +100,37 @@ def _causal_bias(length: int, groups: int, dtype: Any, device: Any) -> Any:
 
     bias = torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu_(1)
     return bias.repeat(groups, 1)
+
+
+def _compiled_takes(query: Any, key: Any, value: Any, longest: int) -> bool:
+    from lora_cli import cpu_kernels
+
+    scratch = 2 * query.shape[1] * longest * (longest + 64) * 4
+    return scratch <= COMPILED_MAX_SCRATCH_BYTES and cpu_kernels.attention_takes(query, key, value)
+
+
+@functools.cache
+def _compiled_function() -> Any:
+    import torch
+    from torch.autograd.function import once_differentiable
+
+    from lora_cli import cpu_kernels
+
+    class CompiledAttention(torch.autograd.Function):
+        """Causal attention within each example of a packed row, through the compiled kernels."""
+
+        @staticmethod
+        def forward(ctx: Any, query: Any, key: Any, value: Any, bounds: Any, scale: float) -> Any:
+            starts = bounds.to(device="cpu", dtype=torch.int64).contiguous()
+            out, lse = cpu_kernels.attention(query, key, value, starts, scale)
+            ctx.save_for_backward(query, key, value, out, lse, starts)
+            ctx.scale = scale
+            return out
+
+        @staticmethod
+        @once_differentiable  # the compiled backward is not itself differentiable
+        def backward(ctx: Any, grad: Any) -> tuple[Any, Any, Any, None, None]:
+            query, key, value, out, lse, starts = ctx.saved_tensors
+            return (*cpu_kernels.attention_backward(grad, query, key, value, out, lse, starts, ctx.scale), None, None)
+
+    return CompiledAttention

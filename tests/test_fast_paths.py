@@ -890,6 +890,125 @@ def test_compiled_rotary_kernel_gives_the_pytorch_paths_values_in_the_same_layou
             assert torch.equal(value, plain)
 
 
+def _exact_packed_attention(q, k, v, lengths, grad):
+    """Causal attention within each example in fp64, and its gradients: what every path approximates."""
+    q, k, v = (x.detach().double().requires_grad_() for x in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    outs = [torch.nn.functional.scaled_dot_product_attention(
+                qs, ks.repeat_interleave(groups, 1), vs.repeat_interleave(groups, 1), is_causal=True).transpose(1, 2)
+            for qs, ks, vs in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))]
+    out = torch.cat(outs, dim=1)
+    out.backward(grad.double())
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim, lengths", [
+    (9, 3, 64, [54, 1, 25, 70, 7, 33]),  # the default model's heads; examples of 1 token and no whole block
+    (4, 4, 128, [40, 3, 97]),  # Llama's head width, one key head per query head
+])
+def test_compiled_attention_is_closer_to_exact_attention_than_the_pytorch_path(heads, kv_heads, dim, lengths,
+                                                                                monkeypatch):
+    """A packed row's attention through the compiled kernel (causal blocks in fp32) against fp64 attention
+    within each example: output and the gradients of q, k and v at least as close as PyTorch's bf16 path
+    (which rounds scores and probabilities to bf16), in the layouts the model hands over and expects."""
+    _require_compiled_kernels()
+    generator = torch.Generator().manual_seed(0)
+    tokens = sum(lengths)
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)  # as the collator
+    projected = [torch.randn(1, tokens, n * dim, generator=generator).to(torch.bfloat16) * 2
+                 for n in (heads, kv_heads, kv_heads)]
+    grad = torch.randn(1, tokens, heads, dim, generator=generator).to(torch.bfloat16)
+
+    def run(compiled):
+        monkeypatch.setattr(packed_attention, "_compiled_takes", lambda *args: compiled)
+        leaves = [x.clone().requires_grad_() for x in projected]
+        q, k, v = (x.view(1, tokens, -1, dim).transpose(1, 2) for x in leaves)  # the projections' layout
+        out, _ = packed_attention.packed_attention_forward(object(), q, k, v, None, cu_seq_lens_q=bounds)
+        out.backward(grad)
+        return out.detach(), *(x.grad.view(1, tokens, -1, dim).transpose(1, 2) for x in leaves)
+
+    exact = _exact_packed_attention(*(x.view(1, tokens, -1, dim).transpose(1, 2) for x in projected), lengths, grad)
+    compiled, plain = run(True), run(False)
+    assert compiled[0].shape == (1, tokens, heads, dim) and compiled[0].is_contiguous()
+    for name, ours, theirs, reference in zip(("out", "q", "k", "v"), compiled, plain, exact):
+        assert ours.dtype == torch.bfloat16 and ours.shape == reference.shape
+        error = (ours.double() - reference).abs().max() / reference.abs().max()
+        plain_error = (theirs.double() - reference).abs().max() / reference.abs().max()
+        assert error <= max(plain_error, 2 ** -8), name
+    # a 1-token example attends to itself alone: its output is its value, exactly
+    position = lengths[0]
+    value = projected[2].view(1, tokens, kv_heads, dim)[0, position]
+    assert torch.equal(compiled[0][0, position], value.repeat_interleave(heads // kv_heads, 0))
+
+
+def test_compiled_attention_trains_as_close_to_fp32_as_the_pytorch_path(tmp_path, monkeypatch):
+    """A bf16 LoRA step of a Llama with 64-wide heads (the compiled attention's case) through the compiled
+    attention: loss and every LoRA gradient as close to an fp32 step of the same weights as the PyTorch path's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _require_compiled_kernels()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    model = LlamaForCausalLM(config)
+    model.set_attn_implementation(packed_attention.register())
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"],
+                                             init_lora_weights=False))
+    for param in model.parameters():  # values bf16 holds exactly, so the fp32 run is the same model
+        param.data = param.data.to(torch.bfloat16).float()
+    batch = _packed_batch([40, 1, 75, 20], masked_prefix=5)
+    taken = []
+    original = packed_attention._compiled_takes
+
+    def loss_and_grads(bf16, compiled):
+        monkeypatch.setattr(packed_attention, "_compiled_takes",
+                            lambda *args: taken.append(original(*args)) or (compiled and taken[-1]))
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            value = model(**batch).loss
+        value.backward()
+        return value.detach().float(), _lora_grads(model)
+
+    exact_loss, exact = loss_and_grads(bf16=False, compiled=False)
+    for param in model.parameters():  # frozen weights in bf16, as `lora train` keeps them: q, k and v are bf16
+        if not param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    plain_loss, plain = loss_and_grads(bf16=True, compiled=False)
+    taken.clear()
+    compiled_loss, compiled = loss_and_grads(bf16=True, compiled=True)
+    assert taken == [True, True]  # both layers' attention went through the kernel
+    assert abs(compiled_loss - exact_loss) <= 1.5 * abs(plain_loss - exact_loss) + 1e-3
+    for name in exact:
+        assert exact[name].abs().sum() > 0
+        assert _relative_error(compiled[name], exact[name]) <= 1.5 * _relative_error(plain[name], exact[name]) + 2e-3, name
+
+
+def test_compiled_attention_steps_aside_where_it_does_not_apply():
+    """Dropout, heads not a whole number of 64-wide blocks, fp32, and an example whose backward would need
+    more scratch than the cap go to the PyTorch path."""
+    from lora_cli import cpu_kernels
+
+    _require_compiled_kernels()
+    q, k = torch.zeros(1, 4, 10, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 10, 64, dtype=torch.bfloat16)
+    assert packed_attention._compiled_takes(q, k, k, 10)
+    assert not packed_attention._compiled_takes(q, k, k, 4000)  # 2 x 4 heads x 4000^2 fp32 > 256 MB
+    assert not cpu_kernels.attention_takes(q[..., :32], k[..., :32], k[..., :32])
+    assert not cpu_kernels.attention_takes(q.float(), k.float(), k.float())
+    assert not cpu_kernels.attention_takes(q[:, :3], k, k)  # 3 query heads over 2 key heads
+    calls = []
+    original = packed_attention._compiled_function
+    try:
+        packed_attention._compiled_function = lambda: calls.append(1) or original()
+        bounds = torch.tensor([0, 4, 10], dtype=torch.int32)
+        packed_attention.packed_attention_forward(object(), q, k, k, None, dropout=0.1, cu_seq_lens_q=bounds)
+        assert not calls
+        packed_attention.packed_attention_forward(object(), q, k, k, None, cu_seq_lens_q=bounds)
+        assert calls
+    finally:
+        packed_attention._compiled_function = original
+
+
 def test_compiled_kernels_are_built_once_and_can_be_switched_off(monkeypatch, tmp_path):
     """The library is built into the cache and taken from there next time (a damaged one is built again);
     LORA_CPU_KERNELS=0 and a missing compiler each leave PyTorch's kernels in place."""
