@@ -333,6 +333,36 @@ static int64_t panel_offsets(const int64_t *starts, int64_t examples, int64_t *p
     return panel_starts[examples];
 }
 
+/* One work item: TILE query rows (or keys) from `first` of one example, for one head (or kv head). */
+typedef struct {
+    int64_t example, head, first, cost;
+} work_item;
+
+static int costlier_first(const void *a, const void *b) {
+    int64_t x = ((const work_item *)a)->cost, y = ((const work_item *)b)->cost;
+    return (x < y) - (x > y);
+}
+
+/* The row's work items for `heads` heads, the costliest first, so that the threads finish together:
+ * a query tile costs the keys it sees, a key tile the queries that see it (keys_side). */
+static int64_t list_items(const int64_t *starts, int64_t examples, int64_t heads, int keys_side, work_item *items) {
+    int64_t count = 0;
+    for (int64_t e = 0; e < examples; e++) {
+        int64_t length = starts[e + 1] - starts[e];
+        for (int64_t first = 0; first < length; first += TILE)
+            for (int64_t h = 0; h < heads; h++) {
+                int64_t rows = smaller(length - first, TILE);
+                items[count++] = (work_item){e, h, first, rows * (keys_side ? length - first : first + rows)};
+            }
+    }
+    qsort(items, (size_t)count, sizeof(work_item), costlier_first);
+    return count;
+}
+
+static int64_t most_items(const int64_t *starts, int64_t examples, int64_t heads) {
+    return (starts[examples] / TILE + examples) * heads;
+}
+
 static int64_t longest_example(const int64_t *starts, int64_t examples) {
     int64_t longest = 0;
     for (int64_t e = 0; e < examples; e++)
@@ -340,15 +370,39 @@ static int64_t longest_example(const int64_t *starts, int64_t examples) {
     return longest;
 }
 
+/* A row of scores turned into probabilities in place: softmax over keys 0..visible-1, zero from there to `end`;
+ * returns the log-sum-exp. */
+static float softmax_row(float *s, int64_t visible, int64_t end) {
+    float peak = row_max(s, visible), partial[LANES] = {0}, sum = 0.0f;
+    int64_t j = 0;
+    for (; j + LANES <= visible; j += LANES)
+        for (int lane = 0; lane < LANES; lane++) {
+            s[j + lane] = exp_vectorizable(s[j + lane] - peak);
+            partial[lane] += s[j + lane];
+        }
+    for (; j < visible; j++) {
+        s[j] = exp_vectorizable(s[j] - peak);
+        sum += s[j];
+    }
+    for (int lane = 0; lane < LANES; lane++)
+        sum += partial[lane];
+    float inverse = 1.0f / sum;
+    for (j = 0; j < visible; j++)
+        s[j] *= inverse;
+    for (j = visible; j < end; j++)
+        s[j] = 0.0f;
+    return peak + logf(sum);
+}
+
 /* Causal attention within each example of a packed row: softmax(scale * q k^T) v, in fp32 from bf16.
  * q: (tokens, heads, dim) at strides q_token, q_head (dim contiguous); k, v likewise with kv_heads (query head
  * h reads kv head h / (heads / kv_heads)). starts: the examples' first tokens and the row's end (examples + 1).
  * out: (tokens, heads, dim) contiguous bf16; lse: (heads, tokens), each row's log-sum-exp, for the backward.
- * dim a multiple of CHUNK. */
+ * dim a multiple of CHUNK. Returns 0, or -1 where memory for its buffers ran out. */
 int attention_forward(const uint16_t *q, int64_t q_token, int64_t q_head, const uint16_t *k, int64_t k_token,
-                       int64_t k_head, const uint16_t *v, int64_t v_token, int64_t v_head, const int64_t *starts,
-                       int64_t examples, int64_t heads, int64_t kv_heads, int64_t dim, float scale, uint16_t *out,
-                       float *lse, int threads) {
+                      int64_t k_head, const uint16_t *v, int64_t v_token, int64_t v_head, const int64_t *starts,
+                      int64_t examples, int64_t heads, int64_t kv_heads, int64_t dim, float scale, uint16_t *out,
+                      float *lse, int threads) {
     int64_t tokens = starts[examples], group = heads / kv_heads, longest = longest_example(starts, examples);
     int64_t slots = 0, score_stride = round_up(longest, KEYS), per_thread = 2 * TILE * dim + TILE * score_stride;
     int status = -1;
@@ -358,48 +412,32 @@ int attention_forward(const uint16_t *q, int64_t q_token, int64_t q_head, const 
     float *key_panels = malloc((size_t)(kv_heads * slots * dim) * sizeof(float));
     float *values = malloc((size_t)(kv_heads * tokens * dim) * sizeof(float)); /* [kv][t][d] */
     float *workspace = malloc((size_t)(threads * per_thread) * sizeof(float));
-    if (!panel_starts || !key_panels || !values || !workspace)
+    work_item *items = malloc((size_t)most_items(starts, examples, heads) * sizeof(work_item));
+    if (!panel_starts || !key_panels || !values || !workspace || !items)
         goto done;
+    int64_t item_count = list_items(starts, examples, heads, 0, items);
     make_panels(k, k_token, k_head, starts, panel_starts, examples, kv_heads, dim, key_panels, threads);
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tokens; t++)
         for (int64_t h = 0; h < kv_heads; h++)
             for (int64_t d = 0; d < dim; d++)
                 values[(h * tokens + t) * dim + d] = widen(v[t * v_token + h * v_head + d]);
-    int64_t tiles = 0;
-    for (int64_t e = 0; e < examples; e++)
-        tiles += (starts[e + 1] - starts[e] + TILE - 1) / TILE;
     #pragma omp parallel num_threads(threads)
     {
         float *rows = workspace + thread_number() * per_thread, *result = rows + TILE * dim;
         float *scores = result + TILE * dim;
         #pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < tiles * heads; item++) {
-            int64_t h = item % heads, tile = item / heads, e = 0;
-            while (tile >= (starts[e + 1] - starts[e] + TILE - 1) / TILE) {
-                tile -= (starts[e + 1] - starts[e] + TILE - 1) / TILE;
-                e++;
-            }
-            int64_t start = starts[e], length = starts[e + 1] - start, first = tile * TILE, kv = h / group;
-            int64_t count = smaller(length - first, TILE), seen = round_up(first + count, KEYS);
+        for (int64_t i = 0; i < item_count; i++) {
+            int64_t e = items[i].example, h = items[i].head, first = items[i].first, kv = h / group;
+            int64_t start = starts[e], count = smaller(starts[e + 1] - start - first, TILE);
+            int64_t seen = round_up(first + count, KEYS);
             load_rows(q, q_token, q_head, start + first, count, h, dim, scale, rows);
-            for (int64_t r = 0; r < count; r += SROWS)
-                score_block(rows + r * dim, dim, key_panels + (kv * slots + panel_starts[e]) * dim, seen,
-                            scores + r * score_stride, score_stride);
-            for (int64_t r = 0; r < count; r++) {
-                float *s = scores + r * score_stride;
-                int64_t visible = first + r + 1; /* query first + r sees keys 0..first + r */
-                float peak = row_max(s, visible);
-                for (int64_t j = 0; j < visible; j++)
-                    s[j] = exp_vectorizable(s[j] - peak);
-                float sum = row_sum(s, visible);
-                float inverse = 1.0f / sum;
-                for (int64_t j = 0; j < visible; j++)
-                    s[j] *= inverse;
-                for (int64_t j = visible; j < seen; j++)
-                    s[j] = 0.0f;
-                lse[h * tokens + start + first + r] = peak + logf(sum);
-            }
+            for (int64_t r = 0; r < count; r += SROWS)  /* each block of rows up to the keys its last row sees */
+                score_block(rows + r * dim, dim, key_panels + (kv * slots + panel_starts[e]) * dim,
+                            round_up(first + smaller(r + SROWS, count), KEYS), scores + r * score_stride,
+                            score_stride);
+            for (int64_t r = 0; r < count; r++)  /* query first + r sees keys 0..first + r */
+                lse[h * tokens + start + first + r] = softmax_row(scores + r * score_stride, first + r + 1, seen);
             for (int64_t r = 0; r < count; r += WROWS)
                 weighted_sum(scores + r * score_stride, 1, score_stride, values + (kv * tokens + start) * dim, dim,
                              first + smaller(r + WROWS, count), dim, result + r * dim, dim, 0);
@@ -414,22 +452,32 @@ done:
     free(key_panels);
     free(values);
     free(workspace);
+    free(items);
     return status;
 }
 
 /* The gradients of attention_forward, from its inputs, its out and lse, and the gradient of out (grad, contiguous
- * like out). grad_q: (tokens, heads, dim), grad_k and grad_v: (tokens, kv_heads, dim), all contiguous bf16. */
+ * like out). grad_q: (tokens, heads, dim), grad_k and grad_v: (tokens, kv_heads, dim), all contiguous bf16.
+ * Returns 0, or -1 where memory for its buffers ran out. */
 int attention_backward(const uint16_t *grad, const uint16_t *q, int64_t q_token, int64_t q_head, const uint16_t *k,
-                        int64_t k_token, int64_t k_head, const uint16_t *v, int64_t v_token, int64_t v_head,
-                        const uint16_t *out, const float *lse, const int64_t *starts, int64_t examples, int64_t heads,
-                        int64_t kv_heads, int64_t dim, float scale, uint16_t *grad_q, uint16_t *grad_k,
-                        uint16_t *grad_v, int threads) {
-    int64_t tokens = starts[examples], group = heads / kv_heads, longest = longest_example(starts, examples);
-    int64_t slots = 0, stride = round_up(longest, KEYS) + KEYS, span = round_up(longest, TILE);
+                       int64_t k_token, int64_t k_head, const uint16_t *v, int64_t v_token, int64_t v_head,
+                       const uint16_t *out, const float *lse, const int64_t *starts, int64_t examples, int64_t heads,
+                       int64_t kv_heads, int64_t dim, float scale, uint16_t *grad_q, uint16_t *grad_k,
+                       uint16_t *grad_v, int threads) {
+    int64_t tokens = starts[examples], group = heads / kv_heads, slots = 0, scratch = 0;
     int status = -1;
     int64_t *panel_starts = malloc((size_t)(examples + 1) * sizeof(int64_t));
-    if (panel_starts)
+    /* each example's probabilities and score gradients, [h][query][key], rows padded to whole tiles */
+    int64_t *block_starts = malloc((size_t)(examples + 1) * sizeof(int64_t));
+    if (panel_starts && block_starts) {
         slots = panel_offsets(starts, examples, panel_starts);
+        block_starts[0] = 0;
+        for (int64_t e = 0; e < examples; e++) {
+            int64_t length = starts[e + 1] - starts[e];
+            block_starts[e + 1] = block_starts[e] + heads * round_up(length, TILE) * (round_up(length, KEYS) + KEYS);
+        }
+        scratch = block_starts[examples];
+    }
     float *key_panels = malloc((size_t)(kv_heads * slots * dim) * sizeof(float));
     float *value_panels = malloc((size_t)(kv_heads * slots * dim) * sizeof(float));
     /* padded by TILE rows: a last tile's rows past the row's end are read (their weights are zero) */
@@ -437,12 +485,12 @@ int attention_backward(const uint16_t *grad, const uint16_t *q, int64_t q_token,
     float *grads = malloc((size_t)(heads * tokens * dim + TILE * dim) * sizeof(float));   /* [h][t][d] */
     float *keys = malloc((size_t)(kv_heads * tokens * dim) * sizeof(float));              /* [kv][t][d] */
     float *deltas = malloc((size_t)(heads * tokens) * sizeof(float));  /* rowsum(grad * out) */
-    /* an example's probabilities and score gradients, [h][query][key], rows padded to whole tiles */
-    float *probs = malloc((size_t)(heads * span * stride) * sizeof(float));
-    float *dscores = malloc((size_t)(heads * span * stride) * sizeof(float));
+    float *probs = malloc((size_t)scratch * sizeof(float));
+    float *dscores = malloc((size_t)scratch * sizeof(float));
     float *workspace = malloc((size_t)(threads * 2 * TILE * dim) * sizeof(float));
-    if (!panel_starts || !key_panels || !value_panels || !queries || !grads || !keys || !deltas || !probs
-            || !dscores || !workspace)
+    work_item *items = malloc((size_t)most_items(starts, examples, heads) * sizeof(work_item));
+    if (!panel_starts || !block_starts || !key_panels || !value_panels || !queries || !grads || !keys || !deltas
+            || !probs || !dscores || !workspace || !items)
         goto done;
     make_panels(k, k_token, k_head, starts, panel_starts, examples, kv_heads, dim, key_panels, threads);
     make_panels(v, v_token, v_head, starts, panel_starts, examples, kv_heads, dim, value_panels, threads);
@@ -464,76 +512,80 @@ int attention_backward(const uint16_t *grad, const uint16_t *q, int64_t q_token,
             for (int64_t d = 0; d < dim; d++)
                 keys[(h * tokens + t) * dim + d] = widen(k[t * k_token + h * k_head + d]);
     }
-    for (int64_t e = 0; e < examples; e++) {
-        int64_t start = starts[e], length = starts[e + 1] - start, tiles = (length + TILE - 1) / TILE;
-        #pragma omp parallel num_threads(threads)
-        {
-            float *result = workspace + thread_number() * 2 * TILE * dim;
-            #pragma omp for schedule(dynamic, 1)
-            for (int64_t item = 0; item < tiles * heads; item++) {  /* the longest rows first */
-                int64_t h = item % heads, first = (tiles - 1 - item / heads) * TILE, kv = h / group;
-                int64_t count = smaller(length - first, TILE), seen = round_up(first + count, KEYS);
-                float *p = probs + (h * span + first) * stride, *ds = dscores + (h * span + first) * stride;
-                const float *query_rows = queries + (h * tokens + start + first) * dim;
-                const float *grad_rows = grads + (h * tokens + start + first) * dim;
-                for (int64_t r = 0; r < count; r += SROWS) {
-                    score_block(query_rows + r * dim, dim, key_panels + (kv * slots + panel_starts[e]) * dim, seen,
-                                p + r * stride, stride);
-                    score_block(grad_rows + r * dim, dim, value_panels + (kv * slots + panel_starts[e]) * dim, seen,
-                                ds + r * stride, stride);
-                }
-                for (int64_t r = 0; r < count; r++) {
-                    float *pr = p + r * stride, *dr = ds + r * stride;
-                    int64_t visible = first + r + 1;
-                    float shift = lse[h * tokens + start + first + r], delta = deltas[h * tokens + start + first + r];
-                    for (int64_t j = 0; j < visible; j++) {
-                        float prob = exp_vectorizable(pr[j] - shift);
-                        pr[j] = prob;
-                        dr[j] = prob * (dr[j] - delta);
-                    }
-                    for (int64_t j = visible; j < stride; j++)
-                        pr[j] = dr[j] = 0.0f;
-                }
-                for (int64_t r = 0; r < count; r += WROWS)
-                    weighted_sum(ds + r * stride, 1, stride, keys + (kv * tokens + start) * dim, dim,
-                                 first + smaller(r + WROWS, count), dim, result + r * dim, dim, 0);
-                for (int64_t r = 0; r < count; r++)
-                    for (int64_t d = 0; d < dim; d++)
-                        grad_q[((start + first + r) * heads + h) * dim + d] = narrow(result[r * dim + d] * scale);
+    /* the queries' side: probabilities and score gradients, and the queries' gradients */
+    int64_t item_count = list_items(starts, examples, heads, 0, items);
+    #pragma omp parallel num_threads(threads)
+    {
+        float *result = workspace + thread_number() * 2 * TILE * dim;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < item_count; i++) {
+            int64_t e = items[i].example, h = items[i].head, first = items[i].first, kv = h / group;
+            int64_t start = starts[e], length = starts[e + 1] - start, count = smaller(length - first, TILE);
+            int64_t stride = round_up(length, KEYS) + KEYS, span = round_up(length, TILE);
+            float *p = probs + block_starts[e] + (h * span + first) * stride;
+            float *ds = dscores + block_starts[e] + (h * span + first) * stride;
+            const float *query_rows = queries + (h * tokens + start + first) * dim;
+            const float *grad_rows = grads + (h * tokens + start + first) * dim;
+            for (int64_t r = 0; r < count; r += SROWS) {
+                int64_t seen = round_up(first + smaller(r + SROWS, count), KEYS);
+                score_block(query_rows + r * dim, dim, key_panels + (kv * slots + panel_starts[e]) * dim, seen,
+                            p + r * stride, stride);
+                score_block(grad_rows + r * dim, dim, value_panels + (kv * slots + panel_starts[e]) * dim, seen,
+                            ds + r * stride, stride);
             }
+            for (int64_t r = 0; r < count; r++) {
+                float *pr = p + r * stride, *dr = ds + r * stride;
+                int64_t visible = first + r + 1;
+                float shift = lse[h * tokens + start + first + r], delta = deltas[h * tokens + start + first + r];
+                for (int64_t j = 0; j < visible; j++) {
+                    float prob = exp_vectorizable(pr[j] - shift);
+                    pr[j] = prob;
+                    dr[j] = prob * (dr[j] - delta);
+                }
+                for (int64_t j = visible; j < stride; j++)
+                    pr[j] = dr[j] = 0.0f;
+            }
+            for (int64_t r = 0; r < count; r += WROWS)
+                weighted_sum(ds + r * stride, 1, stride, keys + (kv * tokens + start) * dim, dim,
+                             first + smaller(r + WROWS, count), dim, result + r * dim, dim, 0);
+            for (int64_t r = 0; r < count; r++)
+                for (int64_t d = 0; d < dim; d++)
+                    grad_q[((start + first + r) * heads + h) * dim + d] = narrow(result[r * dim + d] * scale);
         }
-        int64_t key_tiles = (length + TILE - 1) / TILE;
-        #pragma omp parallel num_threads(threads)
-        {
-            float *result = workspace + thread_number() * 2 * TILE * dim;
-            #pragma omp for schedule(dynamic, 1)
-            for (int64_t item = 0; item < key_tiles * kv_heads; item++) {  /* the keys with most queries first */
-                int64_t kv = item % kv_heads, first = (item / kv_heads) * TILE, count = smaller(length - first, TILE);
-                for (int64_t j = 0; j < count; j += WROWS) {
-                    /* key first + j + r is seen by the queries from first + j + r on: the sums start at first + j
-                     * (the weights of the queries before a key are zero) */
-                    int64_t from = first + j;
-                    for (int64_t g = 0; g < group; g++) {
-                        int64_t h = kv * group + g;
-                        weighted_sum(probs + (h * span + from) * stride + from, stride, 1,
-                                     grads + (h * tokens + start + from) * dim, dim, length - from, dim,
-                                     result + j * dim, dim, g > 0);
-                        weighted_sum(dscores + (h * span + from) * stride + from, stride, 1,
-                                     queries + (h * tokens + start + from) * dim, dim, length - from, dim,
-                                     result + (TILE + j) * dim, dim, g > 0);
-                    }
+    }
+    /* the keys' side: the keys' and values' gradients */
+    item_count = list_items(starts, examples, kv_heads, 1, items);
+    #pragma omp parallel num_threads(threads)
+    {
+        float *result = workspace + thread_number() * 2 * TILE * dim;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < item_count; i++) {
+            int64_t e = items[i].example, kv = items[i].head, first = items[i].first;
+            int64_t start = starts[e], length = starts[e + 1] - start, count = smaller(length - first, TILE);
+            int64_t stride = round_up(length, KEYS) + KEYS, span = round_up(length, TILE);
+            for (int64_t j = 0; j < count; j += WROWS) {
+                /* key first + j + r is seen by the queries from first + j + r on: the sums start at first + j
+                 * (the weights of the queries before a key are zero) */
+                int64_t from = first + j;
+                for (int64_t g = 0; g < group; g++) {
+                    int64_t h = kv * group + g, offset = block_starts[e] + (h * span + from) * stride + from;
+                    weighted_sum(probs + offset, stride, 1, grads + (h * tokens + start + from) * dim, dim,
+                                 length - from, dim, result + j * dim, dim, g > 0);
+                    weighted_sum(dscores + offset, stride, 1, queries + (h * tokens + start + from) * dim, dim,
+                                 length - from, dim, result + (TILE + j) * dim, dim, g > 0);
                 }
-                for (int64_t r = 0; r < count; r++)
-                    for (int64_t d = 0; d < dim; d++) {
-                        grad_v[((start + first + r) * kv_heads + kv) * dim + d] = narrow(result[r * dim + d]);
-                        grad_k[((start + first + r) * kv_heads + kv) * dim + d] = narrow(result[(TILE + r) * dim + d]);
-                    }
             }
+            for (int64_t r = 0; r < count; r++)
+                for (int64_t d = 0; d < dim; d++) {
+                    grad_v[((start + first + r) * kv_heads + kv) * dim + d] = narrow(result[r * dim + d]);
+                    grad_k[((start + first + r) * kv_heads + kv) * dim + d] = narrow(result[(TILE + r) * dim + d]);
+                }
         }
     }
     status = 0;
 done:
     free(panel_starts);
+    free(block_starts);
     free(key_panels);
     free(value_panels);
     free(queries);
@@ -543,5 +595,6 @@ done:
     free(probs);
     free(dscores);
     free(workspace);
+    free(items);
     return status;
 }

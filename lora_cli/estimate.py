@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.errors import ConfigError, ModelError, first_line
-from lora_cli.packed_attention import COMPILED_MAX_SCRATCH_BYTES, EAGER_MAX_TOKENS  # torch-free at import, like this module
+from lora_cli.packed_attention import (COMPILED_MAX_SCRATCH_BYTES, EAGER_MAX_TOKENS,  # torch-free at import, like this module
+                                      compiled_scratch_bytes)
 from lora_cli.targets import check_present, for_model
 
 CONFIG_DIR = Path(__file__).parent / "assets" / "model_configs"
@@ -312,7 +313,8 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
     silu = getattr(model_config, "hidden_act", None) in ("silu", "swish")  # the compiled kernel's SwiGLU
     # the compiled attention (lora_cli/packed_attention.py): bf16, whole 64-wide head blocks, scratch under the cap
     compiled_attention = (fused_layers and compiled_kernels and p == 2 and shape["head_dim"] % 64 == 0
-                          and 2 * shape["heads"] * max_seq_len * (max_seq_len + 64) * 4 <= COMPILED_MAX_SCRATCH_BYTES)
+                          and compiled_scratch_bytes(shape["heads"], [max_seq_len] * batch_size)
+                          <= COMPILED_MAX_SCRATCH_BYTES)
 
     def activations(batch: int, checkpointing: bool = gradient_checkpointing, cpu: bool = kind == "cpu") -> int:
         return sum(_activation_parts(shape, adapted, batch=batch, seq=max_seq_len, p=p, r=r, quantization=quantization,

@@ -26,8 +26,8 @@ NAME = "lora_packed_sdpa"
 # (lora_cli/estimate.py reads this value.)
 EAGER_MAX_TOKENS = 256
 
-# The compiled kernel's backward holds two fp32 (tokens x tokens) blocks per head of the longest example
-# (its probabilities and their gradients): rows with a longer example take the path above instead.
+# The compiled kernel's backward holds two fp32 (tokens x tokens) blocks per head and example (the
+# probabilities and their gradients): rows whose examples need more take the path above instead.
 COMPILED_MAX_SCRATCH_BYTES = 256 * 2**20
 
 
@@ -58,7 +58,7 @@ def packed_attention_forward(module: Any, query: Any, key: Any, value: Any, atte
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if not dropout and _compiled_takes(query, key, value, max(lengths)):
+    if not dropout and _compiled_takes(query, key, value, lengths):
         return _compiled_function().apply(query, key, value, bounds, scale), None
     groups = query.shape[1] // key.shape[1]
     # split, not slicing: the backward of a split is one concatenation, where each slice's backward
@@ -102,11 +102,16 @@ def _causal_bias(length: int, groups: int, dtype: Any, device: Any) -> Any:
     return bias.repeat(groups, 1)
 
 
-def _compiled_takes(query: Any, key: Any, value: Any, longest: int) -> bool:
+def _compiled_takes(query: Any, key: Any, value: Any, lengths: list[int]) -> bool:
     from lora_cli import cpu_kernels
 
-    scratch = 2 * query.shape[1] * longest * (longest + 64) * 4
-    return scratch <= COMPILED_MAX_SCRATCH_BYTES and cpu_kernels.attention_takes(query, key, value)
+    return compiled_scratch_bytes(query.shape[1], lengths) <= COMPILED_MAX_SCRATCH_BYTES \
+        and cpu_kernels.attention_takes(query, key, value)
+
+
+def compiled_scratch_bytes(heads: int, lengths: list[int]) -> int:
+    """About what the compiled backward holds for examples of these lengths (rows and keys padded to blocks)."""
+    return sum(2 * heads * (n + 24) * (n + 64) * 4 for n in lengths)
 
 
 @functools.cache

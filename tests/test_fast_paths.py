@@ -991,8 +991,9 @@ def test_compiled_attention_steps_aside_where_it_does_not_apply():
 
     _require_compiled_kernels()
     q, k = torch.zeros(1, 4, 10, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 10, 64, dtype=torch.bfloat16)
-    assert packed_attention._compiled_takes(q, k, k, 10)
-    assert not packed_attention._compiled_takes(q, k, k, 4000)  # 2 x 4 heads x 4000^2 fp32 > 256 MB
+    assert packed_attention._compiled_takes(q, k, k, [4, 6])
+    assert not packed_attention._compiled_takes(q, k, k, [4000])  # 2 x 4 heads x 4000^2 fp32 > 256 MB
+    assert not packed_attention._compiled_takes(q, k, k, [1000] * 8)  # the examples' blocks together
     assert not cpu_kernels.attention_takes(q[..., :32], k[..., :32], k[..., :32])
     assert not cpu_kernels.attention_takes(q.float(), k.float(), k.float())
     assert not cpu_kernels.attention_takes(q[:, :3], k, k)  # 3 query heads over 2 key heads
