@@ -985,8 +985,8 @@ def test_compiled_attention_trains_as_close_to_fp32_as_the_pytorch_path(tmp_path
 
 
 def test_compiled_attention_steps_aside_where_it_does_not_apply():
-    """Dropout, heads not a whole number of 64-wide blocks, fp32, and an example whose backward would need
-    more scratch than the cap go to the PyTorch path."""
+    """Dropout, heads not a whole number of 64-wide blocks, fp32, examples whose backward would need more
+    scratch than the cap, and bounds that do not cover the row exactly go to the PyTorch path."""
     from lora_cli import cpu_kernels
 
     _require_compiled_kernels()
@@ -1006,6 +1006,12 @@ def test_compiled_attention_steps_aside_where_it_does_not_apply():
         assert not calls
         packed_attention.packed_attention_forward(object(), q, k, k, None, cu_seq_lens_q=bounds)
         assert calls
+        calls.clear()
+        for short in ([0, 4, 8], [2, 4, 10]):  # bounds that miss tokens of the row: refused, never half-computed
+            with pytest.raises(RuntimeError):
+                packed_attention.packed_attention_forward(object(), q, k, k, None,
+                                                          cu_seq_lens_q=torch.tensor(short, dtype=torch.int32))
+        assert not calls
     finally:
         packed_attention._compiled_function = original
 
