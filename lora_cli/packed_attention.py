@@ -105,6 +105,21 @@ def _causal_bias(length: int, groups: int, dtype: Any, device: Any) -> Any:
     return bias.repeat(groups, 1)
 
 
+def compiled_applies(model: Any, precision: str, device: str) -> bool:
+    """Whether this model's packed rows will go through the compiled kernel in training: its attention is this
+    module's, bf16 on a CPU where the kernels build, no attention dropout, whole 64-wide head blocks, query heads
+    a multiple of key heads (each call still checks its own tensors, and takes the other path where they differ)."""
+    from lora_cli import cpu_kernels
+
+    config = model.config
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
+    return (getattr(config, "_attn_implementation", None) == NAME and device == "cpu" and precision == "bf16"
+            and not getattr(config, "attention_dropout", 0.0) and heads > 0 and heads % kv_heads == 0
+            and head_dim % cpu_kernels.ATTENTION_DIM_BLOCK == 0 and cpu_kernels.available())
+
+
 def _compiled_takes(query: Any, key: Any, value: Any, lengths: list[int]) -> bool:
     from lora_cli import cpu_kernels
 

@@ -85,7 +85,7 @@ def _train(cfg: TrainConfig, run_dir: Path, world_size: int, is_main: bool,
     import torch
     from transformers import TrainingArguments
 
-    from lora_cli import callbacks, data, fused_layers, int8_backward, manifest, packed_weights
+    from lora_cli import callbacks, data, fused_layers, int8_backward, manifest, packed_attention, packed_weights
     from lora_cli.loss import LoraTrainer
 
     # 2. Tokenizer and data before the weights: bad data fails in seconds, not after a model load.
@@ -120,8 +120,6 @@ def _train(cfg: TrainConfig, run_dir: Path, world_size: int, is_main: bool,
     # to each other (tests/test_data.py checks the packed logits); training never needs the cache.
     model.config.use_cache = False
     if cfg.data.packing and not torch.cuda.is_available() and model.config._attn_implementation == "sdpa":
-        from lora_cli import packed_attention
-
         model.set_attn_implementation(packed_attention.register())
     base_params = models.count_parameters(model)
     if cfg.training.learning_rate is None:
@@ -205,6 +203,8 @@ def _train(cfg: TrainConfig, run_dir: Path, world_size: int, is_main: bool,
                      if fused.get(k)]
             parts += ["the rotary embedding"] if fused.get("rotary") else []
             shown += ", fused: " + ", ".join(parts) if parts else ""
+            if packed_attention.compiled_applies(model, precision, "cuda" if torch.cuda.is_available() else "cpu"):
+                shown += ", attention within examples compiled"
             log.info("Training %s on %d rows (%s, %s): %s trainable of %s parameters (%.2f%%), "
                      "%s, effective batch %d, lr %g -> %s", source.name, len(prepared.train), prepared.format,
                      data.describe_rendering(prepared.format, prepared.template), f"{trainable:,}", f"{total:,}",

@@ -1016,6 +1016,29 @@ def test_compiled_attention_steps_aside_where_it_does_not_apply():
         packed_attention._compiled_function = original
 
 
+def test_the_training_log_names_the_compiled_attention_where_it_applies():
+    """`compiled_applies` (what `lora train` logs) follows the kernel's own conditions: this module's attention,
+    bf16 on a CPU, no attention dropout, 64-wide head blocks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _require_compiled_kernels()
+
+    def model(head_dim, **extra):
+        config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim, **extra)
+        return LlamaForCausalLM(config)
+
+    llama = model(64)
+    assert not packed_attention.compiled_applies(llama, "bf16", "cpu")  # transformers' SDPA
+    llama.set_attn_implementation(packed_attention.register())
+    assert packed_attention.compiled_applies(llama, "bf16", "cpu")
+    assert not packed_attention.compiled_applies(llama, "fp32", "cpu")
+    assert not packed_attention.compiled_applies(llama, "bf16", "cuda")
+    for other in (model(32), model(64, attention_dropout=0.1)):
+        other.set_attn_implementation(packed_attention.register())
+        assert not packed_attention.compiled_applies(other, "bf16", "cpu")
+
+
 def test_compiled_kernels_are_built_once_and_can_be_switched_off(monkeypatch, tmp_path):
     """The library is built into the cache and taken from there next time (a damaged one is built again);
     LORA_CPU_KERNELS=0 and a missing compiler each leave PyTorch's kernels in place."""
