@@ -309,10 +309,15 @@ static void make_panels(const uint16_t *x, int64_t x_token, int64_t x_head, cons
             e++;
         float *panel = panels + (kv * slots + slot) * dim;
         for (int64_t j = 0; j < KEYS; j++) {
-            int64_t position = slot - panel_starts[e] + j, length = starts[e + 1] - starts[e];
+            int64_t position = slot - panel_starts[e] + j;
+            if (position >= starts[e + 1] - starts[e]) {  /* past the example's end */
+                for (int64_t d = 0; d < dim; d++)
+                    panel[d * KEYS + j] = 0.0f;
+                continue;
+            }
             const uint16_t *row = x + (starts[e] + position) * x_token + kv * x_head;
             for (int64_t d = 0; d < dim; d++)
-                panel[d * KEYS + j] = position < length ? widen(row[d]) : 0.0f;
+                panel[d * KEYS + j] = widen(row[d]);
         }
     }
 }
@@ -320,9 +325,10 @@ static void make_panels(const uint16_t *x, int64_t x_token, int64_t x_head, cons
 /* A work item's rows: TILE rows of (tokens, heads, dim)-strided bf16 from `first`, times scale, zero past `count`. */
 static void load_rows(const uint16_t *x, int64_t x_token, int64_t x_head, int64_t first, int64_t count, int64_t head,
                       int64_t dim, float scale, float *rows) {
-    for (int64_t r = 0; r < TILE; r++)
+    for (int64_t r = 0; r < count; r++)
         for (int64_t d = 0; d < dim; d++)
-            rows[r * dim + d] = r < count ? widen(x[(first + r) * x_token + head * x_head + d]) * scale : 0.0f;
+            rows[r * dim + d] = widen(x[(first + r) * x_token + head * x_head + d]) * scale;
+    memset(rows + count * dim, 0, (size_t)((TILE - count) * dim) * sizeof(float));
 }
 
 /* Each example's first key slot in the panels (its length rounded up to KEYS); returns the slots in all. */

@@ -158,12 +158,16 @@ def rotary(x: Any, cos: Any, sin: Any) -> Any | None:
 ATTENTION_DIM_BLOCK = 64
 
 
-def attention_takes(query: Any, key: Any, value: Any) -> bool:
-    """Whether `attention` takes these (batch, heads, tokens, dim) tensors: one bf16 row on a CPU, each head's
-    dims contiguous, whole 64-wide blocks, query heads a multiple of the key heads."""
+def attention_takes(query: Any, key: Any, value: Any, starts: list[int]) -> bool:
+    """Whether `attention` takes these (batch, heads, tokens, dim) tensors and example starts: one bf16 row on a
+    CPU, each head's dims contiguous, whole 64-wide blocks, query heads a multiple of the key heads, and starts
+    that cover the row exactly (from 0, never back, to its length): the kernel reads and writes every token
+    between them and no other."""
     return (query.dim() == 4 and query.shape[0] == 1 and key.shape == value.shape and key.shape[0] == 1
             and query.shape[2] == key.shape[2] and query.shape[3] == key.shape[3]
             and query.shape[3] % ATTENTION_DIM_BLOCK == 0 and query.shape[1] % key.shape[1] == 0
+            and len(starts) > 0 and starts[0] == 0 and starts[-1] == query.shape[2]
+            and all(a <= b for a, b in zip(starts, starts[1:]))
             and all(t.stride(3) == 1 for t in (query, key, value)) and handles(query, key, value))
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from lora_cli.errors import ConfigError, ModelError, first_line
 from lora_cli.packed_attention import (COMPILED_MAX_SCRATCH_BYTES, EAGER_MAX_TOKENS,  # torch-free at import, like this module
-                                      compiled_scratch_bytes)
+                                      compiled_scratch_bytes, compiled_shape_fits)
 from lora_cli.targets import check_present, for_model
 
 CONFIG_DIR = Path(__file__).parent / "assets" / "model_configs"
@@ -311,8 +311,9 @@ def estimate(model_config, *, r: int = 8, lora_alpha: int = 16, target_modules: 
         model_config, r, lora_alpha, target_modules, use_dora, lora_dropout, compute_dtype)
 
     silu = getattr(model_config, "hidden_act", None) in ("silu", "swish")  # the compiled kernel's SwiGLU
-    # the compiled attention (lora_cli/packed_attention.py): bf16, whole 64-wide head blocks, scratch under the cap
-    compiled_attention = (fused_layers and compiled_kernels and p == 2 and shape["head_dim"] % 64 == 0
+    # the compiled attention (lora_cli/packed_attention.py): bf16, heads it takes, scratch under the cap
+    compiled_attention = (fused_layers and compiled_kernels and p == 2
+                          and compiled_shape_fits(shape["heads"], shape["kv_heads"], shape["head_dim"])
                           and compiled_scratch_bytes(shape["heads"], [max_seq_len] * batch_size)
                           <= COMPILED_MAX_SCRATCH_BYTES)
 

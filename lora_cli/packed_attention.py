@@ -49,7 +49,8 @@ def packed_attention_forward(module: Any, query: Any, key: Any, value: Any, atte
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     bounds = kwargs.get("cu_seq_lens_q")
-    lengths = bounds.diff().tolist() if bounds is not None else []
+    starts = bounds.tolist() if bounds is not None else []
+    lengths = [end - start for start, end in zip(starts, starts[1:])]
     # A sliding window shorter than an example (Mistral v0.1, Gemma) goes to transformers' SDPA too, whose
     # mask for packed rows has it. The layer says so in its kwargs, else (some models) as an attribute.
     window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
@@ -58,10 +59,8 @@ def packed_attention_forward(module: Any, query: Any, key: Any, value: Any, atte
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    # the kernel trusts the bounds to cover the row exactly (the collator's always do); others go to the split below,
-    # which refuses them
-    covered = int(bounds[0]) == 0 and sum(lengths) == query.shape[2] and min(lengths) >= 0
-    if not dropout and covered and _compiled_takes(query, key, value, lengths):
+    # bounds that do not cover the row exactly (the collator's always do) go to the split below, which refuses them
+    if not dropout and _compiled_takes(query, key, value, starts):
         return _compiled_function().apply(query, key, value, bounds, scale), None
     groups = query.shape[1] // key.shape[1]
     # split, not slicing: the backward of a split is one concatenation, where each slice's backward
@@ -107,8 +106,8 @@ def _causal_bias(length: int, groups: int, dtype: Any, device: Any) -> Any:
 
 def compiled_applies(model: Any, precision: str, device: str) -> bool:
     """Whether this model's packed rows will go through the compiled kernel in training: its attention is this
-    module's, bf16 on a CPU where the kernels build, no attention dropout, whole 64-wide head blocks, query heads
-    a multiple of key heads (each call still checks its own tensors, and takes the other path where they differ)."""
+    module's, bf16 on a CPU where the kernels build, no attention dropout, heads `compiled_shape_fits` (each call
+    still checks its own tensors, and takes the other path where they differ)."""
     from lora_cli import cpu_kernels
 
     config = model.config
@@ -116,15 +115,24 @@ def compiled_applies(model: Any, precision: str, device: str) -> bool:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
     return (getattr(config, "_attn_implementation", None) == NAME and device == "cpu" and precision == "bf16"
-            and not getattr(config, "attention_dropout", 0.0) and heads > 0 and heads % kv_heads == 0
-            and head_dim % cpu_kernels.ATTENTION_DIM_BLOCK == 0 and cpu_kernels.available())
+            and not getattr(config, "attention_dropout", 0.0) and compiled_shape_fits(heads, kv_heads, head_dim)
+            and cpu_kernels.available())
 
 
-def _compiled_takes(query: Any, key: Any, value: Any, lengths: list[int]) -> bool:
+def compiled_shape_fits(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the compiled kernel takes attention of this shape: whole 64-wide head blocks, query heads a
+    multiple of the key heads (lora_cli/estimate.py asks too)."""
+    from lora_cli.cpu_kernels import ATTENTION_DIM_BLOCK
+
+    return heads > 0 and kv_heads > 0 and heads % kv_heads == 0 and head_dim % ATTENTION_DIM_BLOCK == 0
+
+
+def _compiled_takes(query: Any, key: Any, value: Any, starts: list[int]) -> bool:
     from lora_cli import cpu_kernels
 
+    lengths = [end - start for start, end in zip(starts, starts[1:])]
     return compiled_scratch_bytes(query.shape[1], lengths) <= COMPILED_MAX_SCRATCH_BYTES \
-        and cpu_kernels.attention_takes(query, key, value)
+        and cpu_kernels.attention_takes(query, key, value, starts)
 
 
 def compiled_scratch_bytes(heads: int, lengths: list[int]) -> int:

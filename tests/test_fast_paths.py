@@ -991,12 +991,16 @@ def test_compiled_attention_steps_aside_where_it_does_not_apply():
 
     _require_compiled_kernels()
     q, k = torch.zeros(1, 4, 10, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 10, 64, dtype=torch.bfloat16)
-    assert packed_attention._compiled_takes(q, k, k, [4, 6])
-    assert not packed_attention._compiled_takes(q, k, k, [4000])  # 2 x 4 heads x 4000^2 fp32 > 256 MB
-    assert not packed_attention._compiled_takes(q, k, k, [1000] * 8)  # the examples' blocks together
-    assert not cpu_kernels.attention_takes(q[..., :32], k[..., :32], k[..., :32])
-    assert not cpu_kernels.attention_takes(q.float(), k.float(), k.float())
-    assert not cpu_kernels.attention_takes(q[:, :3], k, k)  # 3 query heads over 2 key heads
+    assert packed_attention._compiled_takes(q, k, k, [0, 4, 10])
+    long_q, long_k = torch.zeros(1, 4, 8000, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 8000, 64, dtype=torch.bfloat16)
+    assert packed_attention._compiled_takes(long_q, long_k, long_k, list(range(0, 8001, 500)))
+    assert not packed_attention._compiled_takes(long_q, long_k, long_k, [0, 4000, 8000])  # 2 x 4 heads x 4000^2 fp32 > 256 MB
+    assert not packed_attention._compiled_takes(long_q, long_k, long_k, list(range(0, 8001, 1000)))  # all the blocks
+    assert not cpu_kernels.attention_takes(q[..., :32], k[..., :32], k[..., :32], [0, 10])
+    assert not cpu_kernels.attention_takes(q.float(), k.float(), k.float(), [0, 10])
+    assert not cpu_kernels.attention_takes(q[:, :3], k, k, [0, 10])  # 3 query heads over 2 key heads
+    for uncovered in ([0, 4, 8], [2, 4, 10], [0, 6, 4, 10], [0, 4, 12], []):
+        assert not cpu_kernels.attention_takes(q, k, k, uncovered)
     calls = []
     original = packed_attention._compiled_function
     try:
