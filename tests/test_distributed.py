@@ -192,6 +192,9 @@ path, made_here = train._agree_on_run_dir(cfg, 2, os.environ["RANK"] == "0")
 with open(f"{sys.argv[3]}-{os.environ['RANK']}.json", "w") as out:
     json.dump([str(path), made_here, path.is_dir()], out)
 torch.distributed.barrier()  # rank 0 keeps the folder's lock until its partner has looked
+# left before exit, as lora's own processes leave it (lora_cli/cli.py): gloo's threads still up at the
+# interpreter's exit can abort a rank ("terminate called without an active exception")
+torch.distributed.destroy_process_group()
 """
 
 
